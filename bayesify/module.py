@@ -1,0 +1,247 @@
+"""``VIModule``: the base class whose outermost instance owns the ``samples`` argument.
+
+Data flow of one sampled forward (all in :meth:`VIModule._sampled_call`):
+
+1. draw ``samples`` weight sets for every site at once, ``(S, *shape)`` per site,
+   with their prior / variational log densities ``(S,)`` (outside vmap: one
+   vectorised draw per tensor, an optional explicit ``torch.Generator``);
+2. run the module's own forward under ``torch.vmap`` over the sample dimension,
+   substituting the samples with ``torch.func.functional_call``; parameters that
+   are not Bayesian are shared, never copied per sample;
+3. return every output tensor with a leading sample dimension and, in training
+   mode, ``log_probs`` ``(S, 2)`` (prior, variational) and ``kl_analytic`` attached.
+
+Where vmap cannot run the model, the same draws are evaluated one by one with a
+warning naming the cause.
+
+BatchNorm in training mode: each sample normalises with its own batch
+statistics; the running statistics move by the *mean over samples* of the
+per-sample updates (identical to the point model's update when the samples agree).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .sites import Site, analytic_kl, iter_sites
+
+__all__ = ["VIModule", "sampling_active", "DEFAULT_SAMPLES"]
+
+DEFAULT_SAMPLES = 10
+
+_STATE = threading.local()
+
+
+def sampling_active() -> bool:
+    """True while an outer :class:`VIModule` is evaluating its samples."""
+    return getattr(_STATE, "active", False)
+
+
+@contextmanager
+def _active() -> Iterator[None]:
+    prev = sampling_active()
+    _STATE.active = True
+    try:
+        yield
+    finally:
+        _STATE.active = prev
+
+
+def check_samples(samples: Any) -> int:
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise ValueError(f"samples must be a positive int, got {samples!r} ({type(samples).__name__})")
+    if samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples}")
+    return samples
+
+
+class VIModule(nn.Module):
+    """Base class for Bayesian models.
+
+    The outermost ``VIModule`` of a model accepts ``samples=`` (default 10),
+    ``generator=`` and ``chunk_size=`` on top of its forward's own arguments;
+    inner ones just run their forward.
+
+    Example::
+
+        >>> class Net(bf.VIModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = bf.nn.VILinear(3, 2)
+        ...     def forward(self, x):
+        ...         return self.fc(x)
+        >>> Net()(torch.randn(4, 3), samples=5).shape
+        torch.Size([5, 4, 2])
+    """
+
+    #: Why vmap failed on this model (then samples are evaluated one by one).
+    _vmap_failure: str | None = None
+
+    def __call__(self, *args: Any, samples: int | None = None, generator: torch.Generator | None = None,
+                 chunk_size: int | None = None, **kwargs: Any) -> Any:
+        if sampling_active():
+            if samples is not None:
+                raise ValueError(
+                    "samples= is owned by the outermost VIModule; do not pass it to an inner module"
+                )
+            return super().__call__(*args, **kwargs)
+        n = DEFAULT_SAMPLES if samples is None else check_samples(samples)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        return self._sampled_call(args, kwargs, n, generator, chunk_size)
+
+    # -- sites -----------------------------------------------------------------------------
+    def bayesian_sites(self) -> list[Site]:
+        """Every Bayesian tensor of this model (tied parameters once)."""
+        return list(iter_sites(self))
+
+    def kl_divergence(self) -> Tensor:
+        """Closed-form KL(q || prior) summed over all sites (``ValueError`` where none exists)."""
+        kls = [analytic_kl(s) for s in iter_sites(self)]
+        return torch.stack(kls).sum() if kls else torch.zeros(())
+
+    # -- sampling --------------------------------------------------------------------------
+    def _draw(self, n: int, generator: torch.Generator | None, with_logp: bool
+              ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """Weight samples by qualified name, and log prior / log q ``(n,)`` and analytic KL."""
+        weights: dict[str, Tensor] = {}
+        log_p = log_q = kl = None
+        for site in iter_sites(self):
+            spec, mean = site.spec, site.mean
+            if site.estimator != "reparam" and not spec.variational.deterministic:
+                # Sampled inside the layer (local reparameterisation / Flipout): analytic KL.
+                if with_logp:
+                    k = analytic_kl(site)
+                    kl = k if kl is None else kl + k
+                continue
+            if spec.variational.deterministic:
+                if with_logp:
+                    lp = spec.prior.log_prob(mean, site.pbuffers()).sum().expand(n)
+                    log_p = lp if log_p is None else log_p + lp
+                continue
+            w, lq = spec.variational.sample(mean, site.vparams(), n, generator)
+            weights[site.qualname] = w
+            if with_logp:
+                lp = spec.prior.log_prob(w, site.pbuffers()).reshape(n, -1).sum(1)
+                log_p = lp if log_p is None else log_p + lp
+                log_q = lq if log_q is None else log_q + lq
+        ref = next(iter(self.parameters()), torch.zeros(()))
+        zeros = torch.zeros(n, dtype=torch.float32 if not ref.is_floating_point() else ref.dtype,
+                            device=ref.device)
+        return (weights, zeros if log_p is None else log_p, zeros if log_q is None else log_q,
+                zeros.new_zeros(()) if kl is None else kl)
+
+    def _batchnorm_state(self, n: int) -> tuple[dict[str, Tensor], list[tuple[nn.Module, str, Tensor]]]:
+        """Per-sample copies of BatchNorm running statistics updated in this forward."""
+        batched: dict[str, Tensor] = {}
+        writeback: list[tuple[nn.Module, str, Tensor]] = []
+        for prefix, mod in self.named_modules():
+            if isinstance(mod, _BatchNorm) and mod.training and mod.track_running_stats:
+                for key in ("running_mean", "running_var", "num_batches_tracked"):
+                    buf = mod._buffers.get(key)
+                    if buf is None:
+                        continue
+                    copy = buf.unsqueeze(0).repeat(n, *([1] * buf.dim()))
+                    batched[f"{prefix}.{key}" if prefix else key] = copy
+                    writeback.append((mod, key, copy))
+        return batched, writeback
+
+    def _sampled_call(self, args: tuple, kwargs: dict, n: int, generator: torch.Generator | None,
+                      chunk_size: int | None) -> Any:
+        with_logp = self.training
+        weights, log_p, log_q, kl = self._draw(n, generator, with_logp)
+        bn_batched, writeback = self._batchnorm_state(n)
+        batched = {**weights, **bn_batched}
+
+        structure: dict[str, Any] = {}
+
+        def one(sample_tensors: dict[str, Tensor], _index: Tensor | None = None) -> list[Tensor]:
+            out = torch.func.functional_call(self, sample_tensors, args, kwargs)
+            leaves, spec = tree_flatten(out)
+            structure["spec"] = spec
+            structure["static"] = [(i, x) for i, x in enumerate(leaves) if not isinstance(x, Tensor)]
+            return [x for x in leaves if isinstance(x, Tensor)]
+
+        # In-forward randomness (dropout, local reparameterisation) follows the explicit
+        # generator when one is given, and the global RNG otherwise.
+        rng = nullcontext()
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            rng = _seeded(seed)
+        with _active(), rng:
+            tensors = None
+            if self._vmap_failure is None:
+                try:
+                    # The sample index gives vmap a batched input even when no weight is sampled.
+                    index = torch.arange(n)
+                    tensors = torch.vmap(one, randomness="different", chunk_size=chunk_size)(batched, index)
+                except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+                    reason = _vmap_reason(exc)
+                    if reason is None:
+                        raise
+                    self._vmap_failure = reason
+                    bn_batched, writeback = self._batchnorm_state(n)  # discard partial updates
+                    batched = {**weights, **bn_batched}
+            if tensors is None:
+                warnings.warn(
+                    f"{type(self).__name__}: torch.vmap cannot run this model ({self._vmap_failure}); "
+                    f"evaluating the {n} samples one by one (slower, same result)",
+                    RuntimeWarning, stacklevel=3,
+                )
+                per = [one({k: v[i] for k, v in batched.items()}) for i in range(n)]
+                tensors = [torch.stack(col) for col in zip(*per)]
+        for mod, key, copy in writeback:
+            with torch.no_grad():
+                if key == "num_batches_tracked":
+                    mod._buffers[key].copy_(copy[0])
+                else:
+                    mod._buffers[key].copy_(copy.mean(0))
+        leaves: list[Any] = list(tensors)
+        for i, x in structure["static"]:
+            leaves.insert(i, x)
+        if with_logp:
+            lp = torch.stack([log_p, log_q], dim=1)
+            for t in tensors:
+                t.log_probs = lp
+                t.kl_analytic = kl
+                t.kl_closed_form = self.kl_divergence
+        return tree_unflatten(leaves, structure["spec"])
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+_VMAP_MARKERS = (
+    "vmap",
+    "batching rule",
+    "data-dependent control flow",
+    "Batched tensor",
+    "BatchedTensor",
+    "functorch",
+    "item()",
+    "is not implemented for",
+)
+
+
+def _vmap_reason(exc: BaseException) -> str | None:
+    """A short cause when ``exc`` comes from vmap's limits; None for genuine model errors."""
+    text = str(exc)
+    if any(m.lower() in text.lower() for m in _VMAP_MARKERS):
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return f"{type(exc).__name__}: {first[:200]}"
+    return None

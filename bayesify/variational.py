@@ -1,0 +1,189 @@
+"""Variational families: the approximate posterior of each Bayesian tensor.
+
+Extension contract (a new family subclasses :class:`VariationalFamily`):
+
+- ``init(point)`` returns the *unconstrained* extra parameters of one tensor
+  (the mean is always the tensor itself, initialised at the point weights);
+- ``sample(mean, params, n, generator)`` returns ``n`` differentiable samples
+  ``(n, *shape)`` and their summed log density ``(n,)``;
+- ``log_prob(value, mean, params)`` is the elementwise log density;
+- ``distribution(mean, params)`` (optional) returns a ``torch.distributions``
+  object, from which ``kl_divergence`` gives a closed-form KL.
+
+Example::
+
+    >>> import bayesify as bf
+    >>> q = bf.variational.MeanFieldNormal(init_std=1e-3)
+    >>> params = q.init(torch.zeros(3))
+    >>> w, logq = q.sample(torch.zeros(3), params, 5)
+    >>> w.shape, logq.shape
+    (torch.Size([5, 3]), torch.Size([5]))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, distributions as D
+
+from ._choices import lookup, parse_shortcut
+
+__all__ = ["VariationalFamily", "MeanFieldNormal", "PointMass", "get_variational", "VARIATIONAL"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    """``rho`` such that ``softplus(rho) == x`` (stable for tiny and large ``x``)."""
+    return torch.where(x > 20, x, torch.log(torch.expm1(x.clamp_min(1e-30))))
+
+
+class VariationalFamily:
+    """Base class for approximate posteriors over one tensor."""
+
+    name: str = "family"
+    #: True when samples equal the mean (no per-sample weights are ever needed).
+    deterministic: bool = False
+
+    def init(self, point: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def sample(
+        self, mean: Tensor, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def log_prob(self, value: Tensor, mean: Tensor, params: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def distribution(self, mean: Tensor, params: dict[str, Tensor]) -> D.Distribution:
+        raise ValueError(f"variational family {self!r} has no closed-form distribution; use kl='mc'")
+
+    def std(self, mean: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Elementwise standard deviation (needed by local reparameterisation and Flipout)."""
+        raise ValueError(f"variational family {self!r} has no elementwise standard deviation")
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, **self.__dict__}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.__dict__ == other.__dict__  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self.__dict__.items()))))
+
+
+class MeanFieldNormal(VariationalFamily):
+    """Fully factorised Gaussian, ``std = softplus(rho)``.
+
+    ``init_std`` is the initial standard deviation: absolute, or with
+    ``relative=True`` a fraction of ``|w|`` of each point weight (as in MOPED),
+    floored at ``min_std``.
+    """
+
+    name = "meanfield"
+
+    def __init__(self, init_std: float = 1e-3, relative: bool = False, min_std: float = 1e-6) -> None:
+        for key, val in (("init_std", init_std), ("min_std", min_std)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise TypeError(f"{key} must be a positive number, got {val!r}")
+            if not (val > 0 and math.isfinite(val)):
+                raise ValueError(f"{key} must be a positive finite number, got {val!r}")
+        if not isinstance(relative, bool):
+            raise TypeError(f"relative must be True or False, got {relative!r}")
+        self.init_std = float(init_std)
+        self.relative = relative
+        self.min_std = float(min_std)
+
+    def init(self, point: Tensor) -> dict[str, Tensor]:
+        p = point.detach()
+        if self.relative:
+            std = (p.abs() * self.init_std).clamp_min(self.min_std)
+        else:
+            std = torch.full_like(p, self.init_std)
+        # Compute in float32 at least: bfloat16 cannot represent log(expm1(1e-3)) well.
+        rho = inverse_softplus(std.float()).to(p.dtype)
+        return {"rho": rho}
+
+    def std(self, mean: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return F.softplus(params["rho"])
+
+    def sample(
+        self, mean: Tensor, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        std = self.std(mean, params)
+        eps = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device)
+        value = mean + std * eps
+        # log q evaluated through eps = (value - mean) / std: same value and same total
+        # derivative as through value, without cancellation when std << |mean|.
+        dims = tuple(range(1, eps.dim()))
+        log_q = -0.5 * eps.square().sum(dims) - (std.log().sum() + mean.numel() * _HALF_LOG_2PI)
+        return value, log_q
+
+    def log_prob(self, value: Tensor, mean: Tensor, params: dict[str, Tensor]) -> Tensor:
+        std = self.std(mean, params)
+        z = (value - mean) / std
+        return -0.5 * z * z - std.log() - _HALF_LOG_2PI
+
+    def distribution(self, mean: Tensor, params: dict[str, Tensor]) -> D.Distribution:
+        return D.Normal(mean, self.std(mean, params), validate_args=False)
+
+
+class PointMass(VariationalFamily):
+    """Zero variance: every sample is the mean (MAP training; reproduces the point model exactly)."""
+
+    name = "pointmass"
+    deterministic = True
+
+    def sample(
+        self, mean: Tensor, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return mean.expand(n, *mean.shape), mean.new_zeros(n)
+
+    def log_prob(self, value: Tensor, mean: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return torch.zeros_like(value)
+
+    def std(self, mean: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return torch.zeros_like(mean)
+
+
+VARIATIONAL: dict[str, type[VariationalFamily]] = {
+    "meanfield": MeanFieldNormal,
+    "mean_field": MeanFieldNormal,
+    "meanfieldnormal": MeanFieldNormal,
+    "pointmass": PointMass,
+    "point_mass": PointMass,
+    "map": PointMass,
+}
+
+
+def get_variational(
+    variational: VariationalFamily | str | dict[str, Any] | None, default: VariationalFamily | None = None
+) -> VariationalFamily:
+    """Resolve a family from an instance, a shortcut (``"meanfield:init_std=1e-3"``) or a spec dict."""
+    if variational is None:
+        return default if default is not None else MeanFieldNormal()
+    if isinstance(variational, VariationalFamily):
+        return variational
+    if isinstance(variational, dict):
+        spec = dict(variational)
+        cls = lookup("variational family", spec.pop("name", None), VARIATIONAL)
+        return cls(**spec)
+    if isinstance(variational, str):
+        name, kwargs = parse_shortcut(variational)
+        cls = lookup("variational family", name, VARIATIONAL)
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"bad arguments for variational family {name!r}: {exc}") from None
+    raise TypeError(
+        "variational must be a bayesify.variational.VariationalFamily, a name "
+        f"({', '.join(sorted(set(VARIATIONAL)))}) or None, got {type(variational).__name__}"
+    )
