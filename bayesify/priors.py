@@ -38,9 +38,12 @@ def _check_positive(name: str, value: float) -> float:
 
 
 def _check_loc(loc: Any) -> float | str:
-    if loc == _PRETRAINED:
+    if isinstance(loc, str) and loc == _PRETRAINED:
         return _PRETRAINED
-    if isinstance(loc, bool) or not isinstance(loc, (int, float)) or not math.isfinite(loc):
+    if not isinstance(loc, str) and (isinstance(loc, bool) or not isinstance(loc, (int, float))):
+        raise TypeError(f"loc must be a finite number or 'pretrained' (centred on the point weights), "
+                        f"got {type(loc).__name__}")
+    if isinstance(loc, str) or not math.isfinite(loc):
         raise ValueError(f"loc must be a finite number or 'pretrained' (centred on the point weights), got {loc!r}")
     return float(loc)
 
@@ -155,7 +158,9 @@ class ScaleMixtureNormal(Prior):
     name = "scalemixture"
 
     def __init__(self, pi: float = 0.5, sigma1: float = 1.0, sigma2: float = 0.0025) -> None:
-        if isinstance(pi, bool) or not isinstance(pi, (int, float)) or not 0.0 < pi < 1.0:
+        if isinstance(pi, bool) or not isinstance(pi, (int, float)):
+            raise TypeError(f"pi must be a number strictly between 0 and 1, got {type(pi).__name__}")
+        if not 0.0 < pi < 1.0:
             raise ValueError(f"pi must be a number strictly between 0 and 1, got {pi!r}")
         self.pi = float(pi)
         self.sigma1 = _check_positive("sigma1", sigma1)
