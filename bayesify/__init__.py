@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from . import nn, priors, variational
+from . import metrics, nn, priors, variational
+from .convert import BayesianModel, bayesify
 from .loss import ELBOLoss
 from .module import VIModule
+from .plan import Plan, plan
+from .predict import Prediction, predict
 
 __version__ = "0.1.0"
 
-__all__ = ["ELBOLoss", "VIModule", "nn", "priors", "variational", "__version__"]
+__all__ = ["BayesianModel", "ELBOLoss", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "metrics", "nn", "priors", "variational", "__version__"]

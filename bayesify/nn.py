@@ -51,6 +51,7 @@ class VILayer(VIModule):
 
     point_type: type[nn.Module] = nn.Module
     estimator: str = "reparam"
+    _vi_layer = True
 
     def _make_sites(self, prior: Any, variational: Any, estimator: str,
                     shared: dict | None = None) -> None:

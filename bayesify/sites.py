@@ -55,7 +55,10 @@ class Site:
 
     @property
     def estimator(self) -> str:
-        return getattr(self.module, "estimator", "reparam")
+        # Only bayesify's own layers sample inside their forward; foreign modules never do.
+        if getattr(type(self.module), "_vi_layer", False):
+            return getattr(self.module, "estimator", "reparam")
+        return "reparam"
 
 
 def make_bayesian(
