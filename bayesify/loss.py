@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._choices import lookup
+from .module import vi_attributes
 
 __all__ = ["ELBOLoss", "LIKELIHOODS", "first_tensor"]
 
@@ -102,18 +103,19 @@ class ELBOLoss(nn.Module):
 
     def kl_term(self, pred: Tensor) -> Tensor:
         """KL(q || prior) estimate carried by a sampled output."""
+        info = vi_attributes(pred)
         if self.kl == "analytic":
-            fn = getattr(pred, "kl_closed_form", None)
+            fn = None if info is None else info[2]
             if fn is None:
                 raise ValueError("the output carries no KL information: call the model in training mode "
                                  "(model.train()) before computing the ELBO")
             return fn()
-        log_probs = getattr(pred, "log_probs", None)
-        if log_probs is None:
+        if info is None:
             raise ValueError("the output carries no log_probs: call the model in training mode "
                              "(model.train()) before computing the ELBO")
+        log_probs, kl_analytic, _ = info
         kl = (log_probs[:, 1] - log_probs[:, 0]).mean()
-        return kl + getattr(pred, "kl_analytic", 0.0)
+        return kl + kl_analytic
 
     def forward(self, out: Any, target: Tensor) -> Tensor:
         pred = first_tensor(out)

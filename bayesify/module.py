@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .sites import Site, analytic_kl, iter_sites
 
-__all__ = ["VIModule", "sampling_active", "DEFAULT_SAMPLES"]
+__all__ = ["VIModule", "sampling_active", "vi_attributes", "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 10
 
@@ -216,7 +216,38 @@ class VIModule(nn.Module):
                 t.log_probs = lp
                 t.kl_analytic = kl
                 t.kl_closed_form = self.kl_divergence
+                if t.grad_fn is not None:
+                    # Wrappers that replace the output tensors drop these Python attributes
+                    # (DistributedDataParallel with find_unused_parameters=True or
+                    # static_graph=True); the autograd node keeps them: see vi_attributes().
+                    t.grad_fn.metadata[_VI_KEY] = (lp, kl, self.kl_divergence)
         return tree_unflatten(leaves, structure["spec"])
+
+
+_VI_KEY = "bayesify.vi"
+
+
+def vi_attributes(t: Tensor) -> tuple[Tensor, Any, Callable[[], Tensor] | None] | None:
+    """``(log_probs, kl_analytic, kl_closed_form)`` of a sampled training-mode output, else None.
+
+    Read from the tensor's attributes, or, where a wrapper replaced the tensor (the
+    ``_DDPSink`` of ``DistributedDataParallel(find_unused_parameters=True)`` or
+    ``static_graph=True``), from the autograd node of the original output.
+    """
+    lp = getattr(t, "log_probs", None)
+    if lp is not None:
+        return lp, getattr(t, "kl_analytic", 0.0), getattr(t, "kl_closed_form", None)
+    node = t.grad_fn
+    if node is None:
+        return None
+    candidates = [node]
+    if node.name() == "_DDPSinkBackward":
+        candidates += [nxt for nxt, _ in node.next_functions if nxt is not None]
+    for cand in candidates:
+        info = cand.metadata.get(_VI_KEY)
+        if info is not None:
+            return info
+    return None
 
 
 @contextmanager
