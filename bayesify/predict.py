@@ -1,0 +1,311 @@
+"""Predictive summaries of a Bayesian model: ``bf.predict(bnn, x, samples=100)``.
+
+The model is run ``samples`` times (one vectorised call per batch) in eval mode under
+``torch.no_grad``; the sampled outputs are reduced per input to
+
+- ``likelihood="categorical"`` (the model outputs logits over the last dimension):
+  ``probs`` (the mean of the per-sample softmax), ``entropy`` (total uncertainty),
+  ``expected_entropy`` (aleatoric) and ``mutual_information`` (epistemic,
+  ``entropy - expected_entropy``), in nats;
+- ``likelihood="normal"`` (the model outputs the predicted mean):
+  ``mean``, ``variance = epistemic_variance + aleatoric_variance``, where
+  ``epistemic_variance`` is the variance of the sampled means and
+  ``aleatoric_variance`` is ``noise_std ** 2`` (0 when not given).
+
+Every batch is evaluated with the *same* ``samples`` weight draws (the generator is
+rewound before each batch), so batching never changes the result and the summaries of
+all inputs come from one set of posterior samples.
+
+Example::
+
+    >>> pred = bf.predict(bnn, x_test, samples=100)
+    >>> pred.probs.shape, pred.mutual_information.shape
+    (torch.Size([500, 10]), torch.Size([500]))
+    >>> pred = bf.predict(bnn, test_loader, likelihood="normal", noise_std=0.1, progress=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from ._choices import lookup
+from .loss import LIKELIHOODS, first_tensor
+from .module import VIModule, check_samples
+from .sites import iter_sites
+
+__all__ = ["predict", "Prediction"]
+
+#: Keys of a mapping batch that are targets, not model inputs.
+_TARGET_KEYS = ("labels", "label")
+
+
+@dataclass
+class Prediction:
+    """Per-input predictive summaries returned by :func:`predict`.
+
+    Fields that do not apply to ``likelihood`` are ``None``. Shapes are those of one
+    model output without the sample dimension (``probs``: ``(N, C)``; ``entropy``,
+    ``expected_entropy``, ``mutual_information``: ``(N,)``; regression fields: ``(N, *)``).
+    ``sample_probs`` / ``sample_means`` ``(samples, N, ...)`` are kept only with
+    ``keep_samples=True``.
+    """
+
+    likelihood: str
+    samples: int
+    # categorical
+    probs: Tensor | None = None
+    entropy: Tensor | None = None
+    expected_entropy: Tensor | None = None
+    mutual_information: Tensor | None = None
+    sample_probs: Tensor | None = None
+    # normal
+    mean: Tensor | None = None
+    variance: Tensor | None = None
+    epistemic_variance: Tensor | None = None
+    aleatoric_variance: Tensor | None = None
+    sample_means: Tensor | None = None
+
+    def __repr__(self) -> str:
+        parts = [f"likelihood={self.likelihood!r}", f"samples={self.samples}"]
+        for f in fields(self)[2:]:
+            value = getattr(self, f.name)
+            if value is not None:
+                parts.append(f"{f.name}=<{tuple(value.shape)}>")
+        return f"Prediction({', '.join(parts)})"
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+_Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device | None:
+    p = next(model.parameters(), None)
+    return None if p is None else p.device
+
+
+def _to(x: Any, device: torch.device | None) -> Any:
+    return x.to(device) if isinstance(x, Tensor) and device is not None and x.device != device else x
+
+
+def _call_of(batch: Any, device: torch.device | None, where: str) -> _Call:
+    """``(args, kwargs)`` for the model from one batch: a tensor, a mapping, or a tuple (first item)."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError(f"{where} is an empty {type(batch).__name__}; expected (x, ...) with x a tensor")
+        batch = batch[0]
+    if isinstance(batch, Tensor):
+        return (_to(batch, device),), {}
+    if isinstance(batch, Mapping):
+        return (), {k: _to(v, device) for k, v in batch.items() if k not in _TARGET_KEYS}
+    raise TypeError(f"{where} must be a tensor, a mapping of model inputs or a tuple (x, y, ...) "
+                    f"whose first item is one of those, got {type(batch).__name__}")
+
+
+def _slice(x: Tensor | Mapping, start: int, stop: int) -> Any:
+    if isinstance(x, Tensor):
+        return x[start:stop]
+    return {k: v[start:stop] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in x.items()}
+
+
+def _batches(x: Any, batch_size: int | None, device: torch.device | None) -> tuple[Iterator[_Call], int | None]:
+    """The model calls for ``x`` and their number (None when unknown)."""
+    if isinstance(x, (Tensor, Mapping)):
+        if batch_size is None:
+            return iter([_call_of(x, device, "x")]), 1
+        if isinstance(x, Tensor):
+            if x.dim() == 0:
+                raise ValueError("x is a 0-d tensor; batch_size needs a leading batch dimension")
+            n = x.shape[0]
+        else:
+            lens = {v.shape[0] for v in x.values() if isinstance(v, Tensor) and v.dim() > 0}
+            if len(lens) != 1:
+                raise ValueError(f"to batch a mapping, its tensors need one common leading size, got {sorted(lens)}")
+            n = lens.pop()
+        starts = range(0, n, batch_size)
+        return (_call_of(_slice(x, s, s + batch_size), device, "x") for s in starts), len(starts)
+    if isinstance(x, (str, bytes)) or not isinstance(x, Iterable):
+        raise TypeError("x must be a tensor, a mapping of model inputs, or an iterable of batches "
+                        f"(e.g. a DataLoader), got {type(x).__name__}")
+    if batch_size is not None:
+        raise ValueError("batch_size applies to a tensor x; an iterable of batches (e.g. a DataLoader) "
+                         "is already batched: pass batch_size=None")
+    try:
+        total: int | None = len(x)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    return (_call_of(b, device, f"batch {i}") for i, b in enumerate(x)), total
+
+
+# -- reductions -----------------------------------------------------------------------------------
+def _summarise_categorical(pred: Tensor, keep: bool) -> dict[str, Tensor]:
+    if pred.dim() < 2:
+        raise ValueError(f"expected logits with a sample and a class dimension, got shape {tuple(pred.shape)}")
+    logits = pred if pred.dtype in (torch.float32, torch.float64) else pred.float()
+    sample_probs = torch.softmax(logits, dim=-1)
+    probs = sample_probs.mean(0)
+    # entr(p) = -p log p with entr(0) = 0.
+    entropy = torch.special.entr(probs).sum(-1)
+    expected = torch.special.entr(sample_probs).sum(-1).mean(0)
+    # Mutual information is >= 0 (Jensen); clamp float round-off only.
+    out = {"probs": probs, "entropy": entropy, "expected_entropy": expected,
+           "mutual_information": (entropy - expected).clamp_min(0)}
+    if keep:
+        out["sample_probs"] = sample_probs
+    return out
+
+
+def _summarise_normal(pred: Tensor, noise_var: Tensor | None, keep: bool) -> dict[str, Tensor]:
+    means = pred if pred.dtype in (torch.float32, torch.float64) else pred.float()
+    mean = means.mean(0)
+    # Population variance (correction=0): the variance of the equally weighted sample mixture.
+    epistemic = means.var(0, correction=0)
+    if noise_var is None:
+        aleatoric = torch.zeros_like(mean)
+    else:
+        nv = noise_var.to(device=mean.device, dtype=mean.dtype)
+        try:
+            aleatoric = torch.broadcast_to(nv, mean.shape).clone()
+        except RuntimeError:
+            raise ValueError(f"noise_std of shape {tuple(nv.shape)} does not broadcast to the predicted "
+                             f"mean of shape {tuple(mean.shape)}") from None
+    out = {"mean": mean, "variance": epistemic + aleatoric, "epistemic_variance": epistemic,
+           "aleatoric_variance": aleatoric}
+    if keep:
+        out["sample_means"] = means
+    return out
+
+
+def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    if len(parts) == 1:
+        return parts[0]
+    # Summaries are batch-first; kept samples carry the sample dimension first.
+    return {k: torch.cat([p[k] for p in parts], dim=1 if k.startswith("sample_") else 0) for k in parts[0]}
+
+
+# -- checks and helpers -----------------------------------------------------------------------------
+def _noise_variance(noise_std: Any, likelihood: str) -> Tensor | None:
+    if noise_std is None:
+        return None
+    if likelihood != "normal":
+        raise ValueError(f"noise_std applies only to likelihood='normal', not {likelihood!r}")
+    if isinstance(noise_std, Tensor):
+        std = noise_std.detach()
+        if not std.is_floating_point():
+            std = std.float()
+    elif isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool):
+        std = torch.tensor(float(noise_std))
+    else:
+        raise TypeError(f"noise_std must be a positive number or a tensor, got {type(noise_std).__name__}")
+    if not bool(torch.isfinite(std).all()) or bool((std < 0).any()):
+        raise ValueError("noise_std must be finite and non-negative (a standard deviation, e.g. "
+                         "loss_fn.noise_std of a trained ELBOLoss)")
+    return std.square()
+
+
+def _default_generator(model: VIModule) -> torch.Generator | None:
+    """A generator seeded from the global RNG, so that every batch reuses the same weight draws."""
+    devices = {s.mean.device for s in iter_sites(model)}
+    if len(devices) > 1:
+        return None  # sites on several devices: one generator cannot serve them all
+    device = devices.pop() if devices else torch.device("cpu")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(torch.randint(0, 2**62, (1,))))
+    return gen
+
+
+@contextmanager
+def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task("predict", total=total)
+        yield lambda: bar.advance(task)
+
+
+# -- public -------------------------------------------------------------------------------------
+def predict(
+    model: VIModule,
+    x: Any,
+    samples: int = 100,
+    likelihood: str = "categorical",
+    batch_size: int | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    noise_std: float | Tensor | None = None,
+    keep_samples: bool = False,
+) -> Prediction:
+    """Predictive summaries of ``model`` on ``x`` from ``samples`` posterior samples.
+
+    Args:
+        model: a :class:`bayesify.VIModule` (e.g. from ``bf.bayesify``); its output (tensor,
+            tuple, dict or ``ModelOutput``) is reduced via its prediction tensor (``.logits``
+            or the first tensor).
+        x: a tensor, a mapping of model inputs (e.g. tokenizer output; ``labels`` is dropped),
+            or an iterable of batches such as a ``DataLoader`` (each batch a tensor, a mapping,
+            or a tuple ``(x, y, ...)`` of which only ``x`` is used). Tensors are moved to
+            the model's device; results are concatenated along the batch dimension.
+        samples: number of posterior samples (a positive int).
+        likelihood: ``"categorical"`` (the model outputs logits) or ``"normal"`` (it outputs
+            the predicted mean).
+        batch_size: split a tensor / mapping ``x`` into batches of this size.
+        progress: show a rich progress bar (on stderr); nothing is printed otherwise.
+        generator: a ``torch.Generator`` on the model's device for reproducible samples; by
+            default one is seeded from the global RNG (so ``torch.manual_seed`` applies).
+        noise_std: observation noise of the normal likelihood (a number or a tensor that
+            broadcasts to one batch of outputs): ``aleatoric_variance = noise_std ** 2``.
+        keep_samples: also return the per-sample ``sample_probs`` / ``sample_means``.
+
+    The model runs in eval mode under ``torch.no_grad``; its train/eval modes are restored.
+    """
+    if not isinstance(model, VIModule):
+        raise TypeError(f"predict expects a bayesify.VIModule (e.g. bf.bayesify(model)), "
+                        f"got {type(model).__name__}")
+    n = check_samples(samples)
+    kind = lookup("likelihood", likelihood, LIKELIHOODS)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    noise_var = _noise_variance(noise_std, kind)
+    calls, total = _batches(x, batch_size, _model_device(model))
+
+    gen = generator if generator is not None else _default_generator(model)
+    start = gen.get_state() if gen is not None else None
+    after_one: Tensor | None = None
+    modes = [(m, m.training) for m in model.modules()]
+    parts: list[dict[str, Tensor]] = []
+    try:
+        model.eval()
+        with torch.no_grad(), _progress(progress, total) as advance:
+            for args, kwargs in calls:
+                if gen is not None:
+                    gen.set_state(start)  # the same weight draws for every batch
+                out = model(*args, samples=n, generator=gen, **kwargs)
+                if gen is not None and after_one is None:
+                    after_one = gen.get_state()
+                pred = first_tensor(out)
+                if pred.dim() == 0 or pred.shape[0] != n:
+                    raise ValueError(f"expected the model output to have a leading sample dimension of "
+                                     f"{n}, got shape {tuple(pred.shape)}")
+                parts.append(_summarise_categorical(pred, keep_samples) if kind == "categorical"
+                             else _summarise_normal(pred, noise_var, keep_samples))
+                advance()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        if generator is not None and after_one is not None:
+            generator.set_state(after_one)  # advanced as by one call, however many batches
+    if not parts:
+        raise ValueError("x yielded no batches; nothing to predict")
+    return Prediction(likelihood=kind, samples=n, **_concat(parts))
