@@ -7,6 +7,16 @@ argument of it (padding modes, groups, dilation, ``output_padding``,
 ``torch.nn.functional`` call. Its ``weight`` / ``bias`` hold the posterior
 means; the sampler substitutes weight samples for them (see ``bayesify.sites``).
 
+``estimator=`` picks how a layer's weights are sampled: ``"reparam"`` (default;
+per-sample weights drawn by the sampler, exact ``log_probs``), ``"local"`` (local
+reparameterisation: Gaussian outputs from the means and variances, no weight
+sample) or ``"flipout"`` (one shared weight perturbation per sample, decorrelated
+across examples by random signs). ``local`` / ``flipout`` need a family with an
+elementwise ``std`` and use the closed-form KL. ``VIEmbedding`` implements both as
+a gather of the looked-up rows (never a ``(samples, vocab, dim)`` tensor);
+``VILayerNorm`` implements both as local reparameterisation of its elementwise
+affine map. Tied parameters must share one estimator.
+
 Example::
 
     >>> import bayesify as bf
@@ -20,9 +30,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .module import VIModule
+from .module import VIModule, sampling_active
 from .priors import Prior, get_prior
 from .sites import make_bayesian, remove_bayesian, validate_estimator
 from .variational import VariationalFamily, get_variational
@@ -81,6 +92,65 @@ class VILayer(VIModule):
         point.__dict__.pop("estimator", None)
         return point
 
+
+    # -- in-layer estimators ("local", "flipout") -------------------------------------------
+    # The sampler draws no weights for this layer's sites when ``estimator != "reparam"``
+    # (it adds their closed-form KL instead); the forward then samples its *outputs*
+    # itself while ``sampling_active()``. It runs under ``vmap(randomness="different")``,
+    # so ``torch.randn_like`` gives independent noise per weight sample.
+
+    def _own_noise(self) -> bool:
+        """True when this forward must inject its own noise (a non-reparam estimator while sampling)."""
+        return self.estimator != "reparam" and sampling_active()
+
+    def _site_std(self, name: str) -> Tensor | None:
+        """Elementwise posterior std of site ``name``, or None where it is absent or deterministic."""
+        spec = getattr(self, "_vi_sites", {}).get(name)
+        if spec is None or spec.variational.deterministic:
+            return None
+        mean = self._parameters[name]
+        return spec.variational.std(mean, {k: getattr(self, f"{name}_{k}") for k in spec.vkeys})
+
+    def _bias_sample(self) -> Tensor | None:
+        """One bias draw per weight sample (shared across the batch), or the mean bias."""
+        bias = self._parameters.get("bias")
+        std = self._site_std("bias") if bias is not None else None
+        return bias if std is None else bias + std * torch.randn_like(std)
+
+    def _estimated(self, x: Tensor, apply: Any, sign_dims: int) -> Tensor:
+        """Output of a layer linear in its weight, ``apply(x, weight, bias)``, under the estimator.
+
+        ``local`` (Kingma et al. 2015): the output is Gaussian given ``x``, with mean
+        ``apply(x, mu_w, mu_b)`` and variance ``apply(x**2, std_w**2, std_b**2)``; one
+        independent normal draw per output element.
+        ``flipout`` (Wen et al. 2018): one weight perturbation ``std_w * eps`` per sample,
+        decorrelated across examples by random sign vectors on the input and output
+        features: ``apply(x, mu_w, b) + apply(x * s_in, std_w * eps) * s_out``.
+        ``sign_dims`` is the number of trailing dims that share one sign (the spatial dims
+        of a convolution, 0 for a linear layer).
+        """
+        weight = self._parameters["weight"]
+        w_std = self._site_std("weight")
+        if self.estimator == "local":
+            bias = self._parameters.get("bias")
+            b_std = self._site_std("bias") if bias is not None else None
+            mu = apply(x, weight, bias)
+            if w_std is None and b_std is None:
+                return mu
+            if w_std is None:
+                var = (b_std * b_std).reshape(-1, *([1] * sign_dims)).expand_as(mu)
+            else:
+                var = apply(x * x, w_std * w_std, None if b_std is None else b_std * b_std)
+            return mu + _safe_sqrt(var) * torch.randn_like(mu)
+        # flipout
+        mu = apply(x, weight, self._bias_sample())
+        if w_std is None:
+            return mu
+        s_in = _signs(x, sign_dims)
+        delta = w_std * torch.randn_like(w_std)
+        out = apply(x * s_in, delta, None)
+        return mu + out * _signs(out, sign_dims)
+
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         sites = getattr(self, "_vi_sites", {})
@@ -88,6 +158,45 @@ class VILayer(VIModule):
             return base
         spec = next(iter(sites.values()))
         return f"{base}, prior={spec.prior!r}, variational={spec.variational!r}"
+
+
+def _safe_sqrt(var: Tensor) -> Tensor:
+    # The floor keeps the gradient finite where the variance is exactly 0 (e.g. a zero input).
+    return var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+
+
+def _signs(like: Tensor, shared_trailing: int) -> Tensor:
+    """Random +-1 per example and feature, shared over the last ``shared_trailing`` dims."""
+    shape = like.shape[: like.dim() - shared_trailing] + (1,) * shared_trailing
+    return torch.randn(shape, dtype=like.dtype, device=like.device).sign()
+
+
+def _conv_forward_with_estimators(dims: int) -> Any:
+    def forward(self: Any, input: Tensor) -> Tensor:
+        if self._own_noise():
+            return self._estimated(input, self._conv_forward, dims)
+        return self._conv_forward(input, self.weight, self.bias)
+
+    return forward
+
+
+def _conv_transpose_forward_with_estimators(dims: int) -> Any:
+    conv_t = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
+
+    def forward(self: Any, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError(f"Only `zeros` padding mode is supported for {self.point_type.__name__}")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
+                                              self.kernel_size, dims, self.dilation)
+
+        def apply(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return conv_t(x, w, b, self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+        if self._own_noise():
+            return self._estimated(input, apply, dims)
+        return apply(input, self.weight, self.bias)
+
+    return forward
 
 
 def _layer(point: type[nn.Module]) -> Any:
@@ -107,12 +216,18 @@ class VILinear(VILayer, nn.Linear):
     point_type = nn.Linear
     __init__ = _layer(nn.Linear)
 
+    def forward(self, input: Tensor) -> Tensor:
+        if self._own_noise():
+            return self._estimated(input, F.linear, 0)
+        return F.linear(input, self.weight, self.bias)
+
 
 class VIConv1d(VILayer, nn.Conv1d):
     """Bayesian ``nn.Conv1d``."""
 
     point_type = nn.Conv1d
     __init__ = _layer(nn.Conv1d)
+    forward = _conv_forward_with_estimators(1)
 
 
 class VIConv2d(VILayer, nn.Conv2d):
@@ -120,6 +235,7 @@ class VIConv2d(VILayer, nn.Conv2d):
 
     point_type = nn.Conv2d
     __init__ = _layer(nn.Conv2d)
+    forward = _conv_forward_with_estimators(2)
 
 
 class VIConv3d(VILayer, nn.Conv3d):
@@ -127,6 +243,7 @@ class VIConv3d(VILayer, nn.Conv3d):
 
     point_type = nn.Conv3d
     __init__ = _layer(nn.Conv3d)
+    forward = _conv_forward_with_estimators(3)
 
 
 class VIConvTranspose1d(VILayer, nn.ConvTranspose1d):
@@ -134,6 +251,7 @@ class VIConvTranspose1d(VILayer, nn.ConvTranspose1d):
 
     point_type = nn.ConvTranspose1d
     __init__ = _layer(nn.ConvTranspose1d)
+    forward = _conv_transpose_forward_with_estimators(1)
 
 
 class VIConvTranspose2d(VILayer, nn.ConvTranspose2d):
@@ -141,6 +259,7 @@ class VIConvTranspose2d(VILayer, nn.ConvTranspose2d):
 
     point_type = nn.ConvTranspose2d
     __init__ = _layer(nn.ConvTranspose2d)
+    forward = _conv_transpose_forward_with_estimators(2)
 
 
 class VIConvTranspose3d(VILayer, nn.ConvTranspose3d):
@@ -148,6 +267,7 @@ class VIConvTranspose3d(VILayer, nn.ConvTranspose3d):
 
     point_type = nn.ConvTranspose3d
     __init__ = _layer(nn.ConvTranspose3d)
+    forward = _conv_transpose_forward_with_estimators(3)
 
 
 class VILayerNorm(VILayer, nn.LayerNorm):
@@ -156,12 +276,49 @@ class VILayerNorm(VILayer, nn.LayerNorm):
     point_type = nn.LayerNorm
     __init__ = _layer(nn.LayerNorm)
 
+    def forward(self, input: Tensor) -> Tensor:
+        if not self._own_noise():
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        # An elementwise affine map: "local" and "flipout" both reduce to local
+        # reparameterisation (independent noise per output element), which is cheap here.
+        y = F.layer_norm(input, self.normalized_shape, None, None, self.eps)
+        weight, bias = self._parameters.get("weight"), self._parameters.get("bias")
+        mu = y if weight is None else y * weight
+        mu = mu if bias is None else mu + bias
+        w_std = None if weight is None else self._site_std("weight")
+        b_std = None if bias is None else self._site_std("bias")
+        if w_std is None and b_std is None:
+            return mu
+        var = (y * y * (w_std * w_std)) if w_std is not None else torch.zeros_like(mu)
+        var = var if b_std is None else var + b_std * b_std
+        return mu + _safe_sqrt(var) * torch.randn_like(mu)
+
 
 class VIEmbedding(VILayer, nn.Embedding):
     """Bayesian ``nn.Embedding``."""
 
     point_type = nn.Embedding
     __init__ = _layer(nn.Embedding)
+
+    def forward(self, input: Tensor) -> Tensor:
+        mu = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                         self.scale_grad_by_freq, self.sparse)
+        if not self._own_noise():
+            return mu
+        # A lookup is a one-hot matmul, so "local" and "flipout" both mean: gather the looked-up
+        # rows of the mean and of the variational parameters, and draw independent noise per
+        # looked-up row. Never materialises a (samples, vocab, dim) tensor.
+        spec = getattr(self, "_vi_sites", {}).get("weight")
+        if spec is None or spec.variational.deterministic:
+            return mu
+        vparams = {k: getattr(self, f"weight_{k}") for k in spec.vkeys}
+        if all(v.shape == self.weight.shape for v in vparams.values()):
+            rows = {k: F.embedding(input, v, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+                    for k, v in vparams.items()}
+            std = spec.variational.std(mu, rows)
+        else:  # parameters not laid out like the table: take the std of the whole table
+            std = F.embedding(input, spec.variational.std(self.weight, vparams), self.padding_idx)
+        return mu + std * torch.randn_like(mu)
 
 
 #: The exact-type rules ``bayesify()`` uses; pass a merged dict to extend them.
