@@ -14,7 +14,9 @@ The model is run ``samples`` times (one vectorised call per batch) in eval mode 
 
 Every batch is evaluated with the *same* ``samples`` weight draws (the generator is
 rewound before each batch), so batching never changes the result and the summaries of
-all inputs come from one set of posterior samples.
+all inputs come from one set of posterior samples. (Layers with ``estimator="local"`` or
+``"flipout"`` draw their noise per input instead: there a different batching gives a
+different, equally valid, Monte Carlo draw.)
 
 Example::
 

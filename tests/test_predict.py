@@ -173,6 +173,27 @@ def test_default_generator_follows_global_seed(net: Net, x: torch.Tensor) -> Non
     assert not torch.allclose(b.probs, c.probs)
 
 
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_in_forward_estimators(x: torch.Tensor, estimator: str) -> None:
+    class Local(bf.VIModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = bf.nn.VILinear(D, 8, variational=wide(), estimator=estimator)
+            self.fc2 = bf.nn.VILinear(8, C, variational=wide(), estimator=estimator)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    torch.manual_seed(0)
+    net = Local()
+    a = bf.predict(net, x, samples=10, generator=gen())
+    b = bf.predict(net, x, samples=10, generator=gen())
+    torch.testing.assert_close(a.probs, b.probs)
+    assert (a.mutual_information > 0).all()
+    # Noise drawn per input: batching gives another (equally valid) draw, same shapes.
+    assert bf.predict(net, x, samples=10, generator=gen(), batch_size=4).probs.shape == (N, C)
+
+
 # -- model state ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["train", "eval", "mixed"])
 def test_mode_restored(net: Net, x: torch.Tensor, mode: str) -> None:
