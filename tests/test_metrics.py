@@ -268,3 +268,10 @@ def test_auroc_input_checks(s_in, s_out, exc, match) -> None:
 def test_gaussian_nll_input_checks(mean, var, y, exc, match) -> None:
     with pytest.raises(exc, match=match):
         M.gaussian_nll(mean, var, y)
+
+
+def test_half_precision_probs() -> None:
+    probs, labels = random_probs(200, 50, 5)
+    half = probs.half()
+    assert M.ece(half, labels) == pytest.approx(M.ece(probs, labels), abs=5e-3)
+    assert M.nll(half, labels) == pytest.approx(M.nll(probs, labels), rel=1e-2)

@@ -111,6 +111,15 @@ def test_extra_batch_dimensions(net: Net) -> None:
     assert pred.sample_probs.shape == (6, 5, 7, C)
 
 
+def test_converted_model(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    point = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.ReLU(), torch.nn.Linear(16, C))
+    pred = bf.predict(bf.bayesify(point, variational="pointmass"), x, samples=4, batch_size=5)
+    torch.testing.assert_close(pred.probs, torch.softmax(point(x), -1).detach())
+    torch.testing.assert_close(pred.mutual_information, torch.zeros(N), atol=1e-6, rtol=0)
+    assert bf.predict(bf.bayesify(point), x, samples=4).probs.shape == (N, C)
+
+
 # -- normal ---------------------------------------------------------------------------------------
 def test_normal_variance_decomposition(net: Net, x: torch.Tensor) -> None:
     pred = bf.predict(net, x, samples=30, likelihood="normal", generator=gen(), noise_std=0.5, keep_samples=True)
