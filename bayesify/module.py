@@ -143,10 +143,10 @@ class VIModule(nn.Module):
         return (weights, zeros if log_p is None else log_p, zeros if log_q is None else log_q,
                 zeros.new_zeros(()) if kl is None else kl)
 
-    def _batchnorm_state(self, n: int) -> tuple[dict[str, Tensor], list[tuple[nn.Module, str, Tensor]]]:
+    def _batchnorm_state(self, n: int) -> tuple[dict[str, Tensor], list[tuple[nn.Module, str, Tensor, str]]]:
         """Per-sample copies of BatchNorm running statistics updated in this forward."""
         batched: dict[str, Tensor] = {}
-        writeback: list[tuple[nn.Module, str, Tensor]] = []
+        writeback: list[tuple[nn.Module, str, Tensor, str]] = []
         for prefix, mod in self.named_modules():
             if isinstance(mod, _BatchNorm) and mod.training and mod.track_running_stats:
                 for key in ("running_mean", "running_var", "num_batches_tracked"):
@@ -155,8 +155,22 @@ class VIModule(nn.Module):
                         continue
                     copy = buf.unsqueeze(0).repeat(n, *([1] * buf.dim()))
                     batched[f"{prefix}.{key}" if prefix else key] = copy
-                    writeback.append((mod, key, copy))
+                    writeback.append((mod, key, copy, f"{prefix}.{key}" if prefix else key))
         return batched, writeback
+
+    def _locations(self, weights: dict[str, Tensor], writeback: list[tuple[nn.Module, str, Tensor, str]]
+                   ) -> list[tuple[dict, str, str]]:
+        """Every (tensor store, attribute, sample key) to substitute: tied parameters and modules
+        registered under several names are each swapped exactly once."""
+        key_of = {id(self.get_parameter(k)): k for k in weights}
+        locs: list[tuple[dict, str, str]] = []
+        if key_of:
+            for mod in self.modules():
+                for attr, p in mod._parameters.items():
+                    if p is not None and id(p) in key_of:
+                        locs.append((mod._parameters, attr, key_of[id(p)]))
+        locs += [(mod._buffers, key, qual) for mod, key, _, qual in writeback]
+        return locs
 
     def _sampled_call(self, args: tuple, kwargs: dict, n: int, generator: torch.Generator | None,
                       chunk_size: int | None) -> Any:
@@ -168,8 +182,11 @@ class VIModule(nn.Module):
 
         structure: dict[str, Any] = {}
 
+        locations = self._locations(weights, writeback)
+
         def one(sample_tensors: dict[str, Tensor], _index: Tensor | None = None) -> list[Tensor]:
-            out = torch.func.functional_call(self, sample_tensors, args, kwargs)
+            with _swapped(locations, sample_tensors):
+                out = self(*args, **kwargs)
             leaves, spec = tree_flatten(out)
             structure["spec"] = spec
             structure["static"] = [(i, x) for i, x in enumerate(leaves) if not isinstance(x, Tensor)]
@@ -203,7 +220,7 @@ class VIModule(nn.Module):
                 )
                 per = [one({k: v[i] for k, v in batched.items()}) for i in range(n)]
                 tensors = [torch.stack(col) for col in zip(*per)]
-        for mod, key, copy in writeback:
+        for mod, key, copy, _ in writeback:
             with torch.no_grad():
                 if key == "num_batches_tracked":
                     mod._buffers[key].copy_(copy[0])
@@ -262,6 +279,21 @@ def vi_attributes(t: Tensor) -> tuple[Tensor, Any, Callable[[], Tensor] | None] 
         if info is not None:
             return info
     return None
+
+
+@contextmanager
+def _swapped(locations: list[tuple[dict, str, str]], tensors: dict[str, Tensor]) -> Iterator[None]:
+    """Substitute sampled tensors into the model for one forward (as functional_call does,
+    but each storage slot exactly once, so aliased modules are restored correctly)."""
+    saved = []
+    try:
+        for store, attr, key in locations:
+            saved.append((store, attr, store[attr]))
+            store[attr] = tensors[key]
+        yield
+    finally:
+        for store, attr, old in reversed(saved):
+            store[attr] = old
 
 
 @contextmanager
