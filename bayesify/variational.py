@@ -104,13 +104,13 @@ class MeanFieldNormal(VariationalFamily):
 
     def init(self, point: Tensor) -> dict[str, Tensor]:
         p = point.detach()
-        if self.relative:
-            std = (p.abs() * self.init_std).clamp_min(self.min_std)
-        else:
-            std = torch.full_like(p, self.init_std)
+        if not self.relative:
+            # One scalar, one fill: conversion of large models stays close to a memcpy.
+            rho0 = float(inverse_softplus(torch.tensor(self.init_std, dtype=torch.float64)))
+            return {"rho": torch.full_like(p, rho0)}
         # Compute in float32 at least: bfloat16 cannot represent log(expm1(1e-3)) well.
-        rho = inverse_softplus(std.float()).to(p.dtype)
-        return {"rho": rho}
+        std = p.abs().float().mul_(self.init_std).clamp_min_(self.min_std)
+        return {"rho": inverse_softplus(std).to(p.dtype)}
 
     def std(self, mean: Tensor, params: dict[str, Tensor]) -> Tensor:
         return F.softplus(params["rho"])
