@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import metrics, nn, priors, variational
 from .convert import BayesianModel, bayesify
+from .io import load, save
 from .loss import ELBOLoss
 from .module import VIModule
 from .plan import Plan, plan
@@ -11,4 +12,4 @@ from .predict import Prediction, predict
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesianModel", "ELBOLoss", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "metrics", "nn", "priors", "variational", "__version__"]
+__all__ = ["BayesianModel", "ELBOLoss", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "priors", "variational", "__version__"]
