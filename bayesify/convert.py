@@ -96,6 +96,8 @@ def bayesify(
     other_params: str = "bayesian",
     estimator: str = "reparam",
     trace: bool = True,
+    arch: Any = None,
+    arch_kwargs: dict[str, Any] | None = None,
 ) -> BayesianModel:
     """Convert ``model`` into a Bayesian neural network.
 
@@ -115,6 +117,8 @@ def bayesify(
         estimator: ``"reparam"`` (per-sample weights, gives ``log_probs``), ``"local"`` or
             ``"flipout"`` (mapped linear / conv layers; analytic KL).
         trace: annotate the plan with a ``torch.fx`` trace where the model traces.
+        arch / arch_kwargs: how ``bf.save`` / ``bf.load`` rebuild the architecture
+            (``"torchvision.models:resnet18"``, ``{"num_classes": 10}``); recorded in ``conversion``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bayesify() expects a torch.nn.Module, got {type(model).__name__}")
@@ -127,6 +131,11 @@ def bayesify(
     validate_estimator(estimator)
     rules = validate_mapping(mapping)
     selection = Selection.of(include, exclude)
+    recipe = None
+    if arch is not None or arch_kwargs is not None:
+        from .io import arch_recipe
+
+        recipe = arch_recipe(model, arch, arch_kwargs, embed=False)[0]
     the_plan, swaps, generic = build_plan(model, selection, rules, other_params, _vparams_per_param(q), trace)
     for w in the_plan.warnings:
         warnings.warn(w, UserWarning, stacklevel=2)
@@ -158,6 +167,8 @@ def bayesify(
         "estimator": estimator,
         "custom_mapping": mapping is not None,
     }
+    if recipe is not None:
+        spec["arch"] = recipe
     return BayesianModel(target, spec, the_plan)
 
 
