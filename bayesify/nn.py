@@ -43,17 +43,14 @@ __all__ = [
     "VIConvTranspose3d", "VILayerNorm", "VIEmbedding", "DEFAULT_MAPPING",
 ]
 
-_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
-               "_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
-
 
 def _rebuild_as(module: nn.Module, cls: type) -> Any:
-    """A new ``cls`` instance carrying ``module``'s attributes and tensors (no copies, nothing lost)."""
+    """A new ``cls`` instance carrying ``module``'s attributes and tensors (no tensor copies,
+    nothing lost). Containers (parameter / buffer / module / hook dicts, sets) are copied
+    shallowly so that registering on one object never affects the other."""
     new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    for key in _CONTAINERS:
-        if key in module.__dict__:
-            new.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])
+    for key, value in module.__dict__.items():
+        new.__dict__[key] = type(value)(value) if isinstance(value, (dict, set)) else value
     return new
 
 
