@@ -104,7 +104,8 @@ class VIModule(nn.Module):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        return self._sampled_call(args, kwargs, n, generator, chunk_size)
+        with _fsdp_gathered(self):
+            return self._sampled_call(args, kwargs, n, generator, chunk_size)
 
     # -- sites -----------------------------------------------------------------------------
     def bayesian_sites(self) -> list[Site]:
@@ -188,7 +189,6 @@ class VIModule(nn.Module):
     def _sampled_call(self, args: tuple, kwargs: dict, n: int, generator: torch.Generator | None,
                       chunk_size: int | None) -> Any:
         with_logp = self.training
-        _unshard_fsdp(self)
         weights, log_p, log_q, kl = self._draw(n, generator, with_logp)
         bn_batched, writeback = self._batchnorm_state(n)
         batched = {**weights, **bn_batched}
@@ -259,16 +259,37 @@ class VIModule(nn.Module):
 _VI_KEY = "bayesify.vi"
 
 
-def _unshard_fsdp(root: nn.Module) -> None:
-    """Gather parameters sharded by FSDP2 (``fully_shard``): the weight samples are drawn
-    before the forward (and its FSDP pre-forward hooks) runs, so every mean must be whole."""
+@contextmanager
+def _fsdp_gathered(root: nn.Module) -> Iterator[None]:
+    """Keep every parameter sharded by FSDP2 (``fully_shard``) whole for one sampled call.
+
+    The weight samples are drawn before the forward (and its FSDP pre-forward hooks)
+    runs, so every mean must be gathered first; and no module may reshard in between
+    (after a chunk of samples, or one sample of the loop fallback), because FSDP's next
+    all-gather would put the means back in place of the substituted samples. FSDP
+    reshards after backward as usual; a call without gradients reshards at its end.
+    """
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
     cls = getattr(fsdp, "FSDPModule", None)
-    if cls is None:
+    mods = [m for m in root.modules() if isinstance(m, cls)] if cls is not None else []
+    if not mods:
+        yield
         return
-    for mod in root.modules():
-        if isinstance(mod, cls):
-            mod.unshard()  # a no-op where already unsharded; FSDP reshards after backward
+    held = []
+    for mod in mods:
+        mod.unshard()  # a no-op where already unsharded
+        for group in getattr(mod._get_fsdp_state(), "_fsdp_param_groups", ()):
+            if hasattr(group, "post_forward_mesh_info"):
+                held.append((group, group.post_forward_mesh_info))
+                group.post_forward_mesh_info = None  # i.e. reshard_after_forward=False
+    try:
+        yield
+    finally:
+        for group, info in held:
+            group.post_forward_mesh_info = info
+        if not torch.is_grad_enabled():
+            for mod in mods:
+                mod.reshard()
 
 
 def vi_attributes(t: Tensor) -> tuple[Tensor, Any, Callable[[], Tensor] | None] | None:
