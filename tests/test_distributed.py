@@ -80,7 +80,7 @@ def run_ranks(scenario: str, out: Path, timeout: float) -> list[dict[str, Any]]:
         for rank in range(WORLD):
             log = out / f"{scenario}.rank{rank}.log"
             env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAUNCHED_AT=str(time.time()))
             with open(log, "w") as fh:
                 procs.append(subprocess.Popen([sys.executable, str(HERE), scenario, str(out)],
                                               env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT))
@@ -340,6 +340,26 @@ def _fsdp(rank: int, out: Path) -> dict[str, Any]:
                                     for a, b in zip(ref.parameters(), sharded.parameters()))
         res[f"{name}_max_diff"] = _max_param_diff(sharded)
 
+    # Samples survive FSDP's hooks: per-layer sharding with chunked vmap (a reshard between
+    # chunks would let FSDP's all-gather put the means back), in train and eval mode, and
+    # a call without gradients leaves every parameter sharded again.
+    torch.manual_seed(0)
+    plain_mlp, sharded_mlp = MLP(), MLP()
+    sharded_mlp.load_state_dict(plain_mlp.state_dict())
+    fully_shard(sharded_mlp.fc1)
+    fully_shard(sharded_mlp.fc2)
+    fully_shard(sharded_mlp)
+    probe, diffs = _data(0)[0][:5], []
+    with torch.no_grad():
+        for training in (True, False):
+            plain_mlp.train(training)
+            sharded_mlp.train(training)
+            a, b = (m(probe, samples=4, chunk_size=1, generator=torch.Generator().manual_seed(3))
+                    for m in (plain_mlp, sharded_mlp))
+            diffs.append((a - b).abs().max().item())
+    res["chunked_vs_plain"] = max(diffs)
+    res["types_after_no_grad_call"] = sorted({type(p).__name__ for p in sharded_mlp.parameters()})
+
     # Checkpoint: the full (unsharded) state dict, written by rank 0, loads into a plain model.
     full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = out / "fsdp_state.pt"
@@ -370,13 +390,16 @@ def _rank_main(scenario: str, out: Path) -> None:
     torch.set_num_threads(1)
     rank = dist.get_rank()
     names = list(SCENARIOS) if scenario == "all" else [scenario]
-    res: dict[str, Any] = {}
+    # from the launch to here: starting Python, importing torch and bayesify, joining the group
+    res: dict[str, Any] = {"startup_seconds": time.time() - float(os.environ.get("LAUNCHED_AT", "nan"))}
     for name in names:
+        start = time.perf_counter()
         try:
             res[name] = SCENARIOS[name](rank, out)
         except Exception:  # noqa: BLE001 - reported by the test that reads this scenario
             res[name] = {"error": traceback.format_exc()}
         dist.barrier()
+        res[name]["seconds"] = time.perf_counter() - start
     torch.save(res, out / f"{scenario}.rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -438,6 +461,8 @@ def test_fsdp2_fully_shard_matches_ddp(ranks: list[dict[str, Any]]) -> None:
         assert r0[f"{name}_losses_fsdp"] == pytest.approx(r0[f"{name}_losses_ddp"], rel=1e-5, abs=1e-5)
         assert _falling(r0[f"{name}_losses_fsdp"])
     assert r0["loaded_vs_ddp"] < 1e-5 and r1["loaded_vs_ddp"] < 1e-5
+    assert r0["chunked_vs_plain"] < 1e-5 and r1["chunked_vs_plain"] < 1e-5
+    assert r0["types_after_no_grad_call"] == ["DTensor"]
 
 
 def test_example_runs_under_torchrun(tmp_path: Path) -> None:
