@@ -322,7 +322,11 @@ def load_exported_program(source: str | os.PathLike | bytes, trust_code: bool = 
     must be plain arithmetic on sizes, and the graph may call only PyTorch operators.
     Raises ``ValueError`` otherwise (its message says what was found).
     """
-    data = source if isinstance(source, (bytes, bytearray)) else open(os.fspath(source), "rb").read()
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        with open(os.fspath(source), "rb") as f:
+            data = f.read()
     if not trust_code:
         check_pt2(bytes(data))
     try:
@@ -674,11 +678,18 @@ def _atomic_write(path: str, tensors: dict[str, Tensor], metadata: dict[str, str
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp creates 0600; a saved model is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _versions() -> dict[str, str]:
