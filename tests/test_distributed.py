@@ -151,6 +151,15 @@ class MLPWithUnused(MLP):
         self.unused_head = nn.Linear(32, 3)
 
 
+class MLPWithUnusedBayesian(MLP):
+    """A Bayesian layer the forward never uses: its KL term still gives every parameter
+    a gradient, so the default DDP (find_unused_parameters=False) needs nothing more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused_bayesian = bf.nn.VILinear(32, 3)
+
+
 def _data(rank: int, n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 4, generator=g)
@@ -225,6 +234,8 @@ def _ddp_mlp(rank: int, out: Path) -> dict[str, Any]:
     b, res["losses_unused"] = ddp_run(MLPWithUnused, 5, find_unused_parameters=True)
     res["max_diff_unused"] = _max_param_diff(b)
     res["unused_head_grad"] = b.unused_head.weight.grad
+    b, res["losses_unused_bayesian"] = ddp_run(MLPWithUnusedBayesian, 5)
+    res["max_diff_unused_bayesian"] = _max_param_diff(b)
 
     # Checkpoint: rank 0 writes the plain state dict, every rank reads it back.
     path = out / "ddp_mlp_state.pt"
@@ -431,6 +442,7 @@ def test_ddp_trains_hand_built_bnn(ranks: list[dict[str, Any]]) -> None:
         assert r0[f"max_diff_{key}"] == 0.0
     assert r0["max_diff_unused"] == 0.0 and r0["unused_head_grad"] is None
     assert _falling(r0["losses_unused"])
+    assert r0["max_diff_unused_bayesian"] == 0.0 and _falling(r0["losses_unused_bayesian"])
     # rank 0's torch.save(state_dict) loads on every rank and predicts identically
     assert r0["loaded_equal"] and r1["loaded_equal"]
     assert torch.equal(r0["loaded_pred"], r1["loaded_pred"])
