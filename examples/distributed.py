@@ -62,15 +62,18 @@ class HandBuilt(bf.VIModule):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes; a lone ``python`` run becomes a group of one."""
+def init_distributed() -> tuple[int, int, bool]:
+    """Join the process group torchrun describes (a lone ``python`` run becomes a group of
+    one); the last value says whether this call created the group (and so should end it)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), True
 
 
 def max_param_difference(model: nn.Module) -> float:
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = ap.parse_args(argv)
 
-    rank, world = init_distributed()
+    rank, world, owns_group = init_distributed()
     torch.set_num_threads(args.threads)
 
     # 1. Build the model with one seed everywhere (DDP also broadcasts rank 0's parameters).
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"state dict saved by rank 0 and loaded on all {world} ranks: {bool(flag.item())}", flush=True)
         identical = identical and bool(flag.item())
 
-    dist.destroy_process_group()
+    if owns_group:
+        dist.destroy_process_group()
     return 0 if identical else 1
 
 
