@@ -298,6 +298,9 @@ class VIEmbedding(VILayer, nn.Embedding):
     __init__ = _layer(nn.Embedding)
 
     def forward(self, input: Tensor) -> Tensor:
+        if sampling_active() and self.estimator == "reparam" and self.max_norm is None \
+                and not self.scale_grad_by_freq and not self.sparse:
+            return self._lookup(input, self.weight)
         mu = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                          self.scale_grad_by_freq, self.sparse)
         if not self._own_noise():
@@ -316,6 +319,15 @@ class VIEmbedding(VILayer, nn.Embedding):
         else:  # parameters not laid out like the table: take the std of the whole table
             std = F.embedding(input, spec.variational.std(self.weight, vparams), self.padding_idx)
         return mu + std * torch.randn_like(mu)
+
+    def _lookup(self, input: Tensor, weight: Tensor) -> Tensor:
+        # F.embedding under vmap with per-sample tables copies the whole (samples, vocab, dim)
+        # tensor into another layout first; index_select batches without that copy.
+        out = weight.index_select(0, input.reshape(-1)).view(*input.shape, weight.shape[-1])
+        if self.padding_idx is not None:  # F.embedding's rule: no gradient for the padding row
+            pad = (input == self.padding_idx).unsqueeze(-1)
+            out = torch.where(pad, out.detach(), out)
+        return out
 
 
 #: The exact-type rules ``bayesify()`` uses; pass a merged dict to extend them.
