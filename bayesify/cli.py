@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 2 bad usage / input, 1 failure)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    plain = not sys.stdout.isatty()
+    plain = not sys.stdout.isatty() and "COLUMNS" not in os.environ
     out = Console(highlight=False, width=160 if plain else None)  # piped output: no narrow wrapping
     err = Console(stderr=True, highlight=False)
     io = _IO(out, err, [])

@@ -55,6 +55,7 @@ __all__ = ["save", "load", "read_spec", "arch_recipe", "build_arch", "load_expor
 FORMAT_VERSION = 1
 _META_KEY = "bayesify"
 _PROGRAM_KEY = "__bayesify__.exported_program"
+_PROGRAM_ATTR = "_bayesify_exported_program"  # the embedded program's bytes on a loaded model
 
 # -- public -----------------------------------------------------------------------------------------
 def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs: dict[str, Any] | None = None) -> None:
@@ -80,7 +81,13 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
         spec = {k: v for k, v in bnn.conversion.items() if k != "arch"}
         _check_conversion(spec)
         recorded = bnn.conversion.get("arch") if arch is None and arch_kwargs is None else None
-        recipe, program = (recorded, None) if recorded else arch_recipe(_point_root(bnn.model), arch, arch_kwargs)
+        if recorded:  # from bayesify(arch=...) or from bf.load
+            recipe, program = recorded, getattr(bnn, _PROGRAM_ATTR, None)
+            if recipe.get("kind") == "export" and program is None:
+                raise ValueError("the recorded recipe is a torch.export program that this model does not carry; "
+                                 "pass arch=<ExportedProgram> or arch='module:callable'")
+        else:
+            recipe, program = arch_recipe(_point_root(bnn.model), arch, arch_kwargs)
         kind = "bayesify"
     else:
         spec = {}
@@ -141,6 +148,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
     point = build_arch(recipe, where=path, program=program, override=arch)
     if header["kind"] == "bayesify":
         model = _reconvert(point, header["conversion"], mapping, path)
+        model.conversion["arch"] = recipe  # so that bf.save(bf.load(p), q) needs no arch= again
+        if program is not None:
+            setattr(model, _PROGRAM_ATTR, program.numpy().tobytes())
     else:
         model = point
     _match_dtypes(model, tensors)

@@ -146,6 +146,9 @@ def test_round_trip_gives_the_same_samples(name: str, tmp_path: Path) -> None:
     for mode in ("eval", "train"):
         getattr(bnn, mode)(), getattr(loaded, mode)()
         torch.testing.assert_close(_samples(loaded, x), _samples(bnn, x), rtol=0, atol=0)
+    bf.save(loaded, tmp_path / "again.bnn")  # the recipe travels with the loaded model
+    again = bf.load(tmp_path / "again.bnn").eval()
+    torch.testing.assert_close(_samples(again, x), _samples(loaded.eval(), x), rtol=0, atol=0)
     if isinstance(bnn, bf.BayesianModel):
         assert loaded.conversion["prior"] == bnn.conversion["prior"]
         assert loaded.conversion["variational"] == bnn.conversion["variational"]
@@ -174,6 +177,8 @@ def test_exported_program_is_embedded_and_trains(tmp_path: Path) -> None:
     x = torch.randn(5, 3)  # another batch size than exported with: the dynamic dim survives
     loaded.eval(), bnn.eval()
     torch.testing.assert_close(_samples(loaded, ((x,), {})), _samples(bnn, ((x,), {})), rtol=0, atol=0)
+    bf.save(loaded, tmp_path / "again.bnn")  # the loaded model carries its program
+    assert bf.io.read_spec(tmp_path / "again.bnn")["arch"] == {"kind": "export"}
     loaded.train()  # ExportedProgram.module() forbids train(); bayesify needs the mode switch
     out = loaded(x, samples=2)
     assert out.log_probs.shape == (2, 2)
