@@ -456,3 +456,17 @@ def test_nothing_is_unpickled_when_loading(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(torch, "load", weights_only_load)
     bf.load(tmp_path / "e.bnn")
     bf.load(tmp_path / "t.bnn")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_saved_on_gpu_loads_on_cpu(tmp_path: Path) -> None:
+    bnn = bf.bayesify(Tied()).cuda()
+    bf.save(bnn, tmp_path / "g.bnn")
+    assert bf.io.read_spec(tmp_path / "g.bnn")["saved_from_device"].startswith("cuda")
+    on_cpu = bf.load(tmp_path / "g.bnn")  # default: CPU, whatever the saving device
+    assert {p.device.type for p in on_cpu.parameters()} == {"cpu"}
+    on_gpu = bf.load(tmp_path / "g.bnn", map_location="cuda")
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+    assert on_gpu.model.out.weight is on_gpu.model.emb.weight
+    sd, ref = on_cpu.state_dict(), bnn.state_dict()
+    assert all(torch.equal(sd[k], ref[k].cpu()) for k in ref)
