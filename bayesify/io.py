@@ -20,9 +20,11 @@ A bayesify file is a `safetensors <https://github.com/huggingface/safetensors>`_
 settings (``bf.bayesify(model, **spec)``) and loads the tensors with ``strict=True``.
 Nothing is unpickled. A recipe names code that is imported and called, so :func:`load`
 only calls ``nn.Module`` classes and factory functions annotated to return one (never
-a standard-library callable), and loads embedded ``torch.export`` programs through
-:func:`load_exported_program`, which refuses the parts of the ``.pt2`` format that
-would unpickle or execute code.
+a standard-library callable, never with ``trust_remote_code``), and loads embedded
+``torch.export`` programs through :func:`load_exported_program`, which refuses the
+parts of the ``.pt2`` format that would unpickle or execute code. That is a guard, not
+a sandbox: a file chooses which installed model class is built, with its JSON
+arguments, so trust a file as much as the packages it names.
 
 Example::
 
@@ -44,10 +46,13 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .module import VIModule
 
 __all__ = ["save", "load", "read_spec", "arch_recipe", "build_arch", "load_exported_program", "exported_module",
            "FORMAT_VERSION"]
@@ -56,6 +61,7 @@ FORMAT_VERSION = 1
 _META_KEY = "bayesify"
 _PROGRAM_KEY = "__bayesify__.exported_program"
 _PROGRAM_ATTR = "_bayesify_exported_program"  # the embedded program's bytes on a loaded model
+
 
 # -- public -----------------------------------------------------------------------------------------
 def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs: dict[str, Any] | None = None) -> None:
@@ -114,7 +120,7 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device | None = None, *,
-         arch: str | Callable[..., nn.Module] | None = None, mapping: dict | None = None) -> nn.Module:
+         arch: str | Callable[..., nn.Module] | None = None, mapping: dict | None = None) -> VIModule:
     """Rebuild a model written by :func:`save`: same architecture, conversion and tensors.
 
     Args:
@@ -181,8 +187,11 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
     try:
         header = json.loads(meta[_META_KEY])
         version = header["format_version"]
-        for key in ("kind", "conversion", "arch", "aliases"):
-            header[key]
+        for key in ("conversion", "arch", "aliases"):
+            if not isinstance(header[key], dict):
+                raise TypeError(f"{key} is not an object")
+        if header["kind"] not in ("bayesify", "module"):
+            raise ValueError(f"unknown kind {header['kind']!r}")
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: damaged bayesify header ({exc!r})") from None
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -200,8 +209,6 @@ def arch_recipe(model: nn.Module | None, arch: Any = None, arch_kwargs: dict[str
     ``embed=False`` (for ``bf.bayesify(..., arch=...)``, which records JSON only) refuses programs.
     """
     kwargs = _check_kwargs(arch_kwargs)
-    if isinstance(arch, dict):
-        return arch, None
     if _is_exported_program(arch):
         if not embed:
             raise ValueError("bayesify(arch=...) records a 'module:callable' recipe; pass a torch.export "
@@ -578,9 +585,11 @@ def _check_kwargs(kwargs: Any) -> dict[str, Any]:
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise TypeError(f"arch_kwargs must be a dict with string keys (JSON object), got {kwargs!r}")
     try:
-        json.dumps(kwargs, allow_nan=False)
+        text = json.dumps(kwargs, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"arch_kwargs must be JSON-serialisable ({exc})") from None
+    if '"trust_remote_code"' in text:  # a constructor must not fetch and run code named by a file
+        raise ValueError("arch_kwargs may not contain trust_remote_code")
     return dict(kwargs)
 
 
