@@ -540,7 +540,7 @@ def _epochs(n_epochs: int, n: int, batch: int, seed: int, advance: Callable[[], 
         perm = torch.randperm(n, generator=gen)
         for s in range(0, n, batch):
             yield perm[s:s + batch]
-        advance()
+            advance()
 
 
 def demo_finetune(point: Any, x: Any, y: Any, epochs: int, samples: int, seed: int,
@@ -587,10 +587,11 @@ def _demo(args: argparse.Namespace, io: _IO) -> None:
     pre_epochs, fine_epochs, samples, eval_samples = (2, 1, 2, 4) if args.fast else (30, 15, 4, 100)
     x, y = data["x_train"], data["y_train"]
     point = _cnn()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+    steps = -(-len(y) // 64)  # batches per epoch
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                TimeElapsedColumn())
     with Progress(*columns, console=io.err, disable=not io.err.is_terminal) as bar:
-        task = bar.add_task("pretrain (point)", total=pre_epochs)
+        task = bar.add_task("pretrain (point)", total=pre_epochs * steps)
         opt = torch.optim.Adam(point.parameters(), lr=3e-3)
         point.train()
         for idx in _epochs(pre_epochs, len(y), 64, args.seed, lambda: bar.advance(task)):
@@ -603,7 +604,7 @@ def _demo(args: argparse.Namespace, io: _IO) -> None:
             probs = {k: torch.softmax(point(data[k]), -1) for k in ("x_test", "x_heldout", "x_noise")}
         ent = {k: torch.special.entr(p).sum(-1) for k, p in probs.items()}
         before = _metrics(probs["x_test"], data["y_test"], ent["x_test"], ent["x_heldout"], ent["x_noise"])
-        task = bar.add_task("ELBO fine-tune (bayesify)", total=fine_epochs)
+        task = bar.add_task("ELBO fine-tune (bayesify)", total=fine_epochs * steps)
         bnn = demo_finetune(point, x, y, fine_epochs, samples, args.seed, lambda: bar.advance(task))
     gen = torch.Generator().manual_seed(args.seed)
     preds = {k: bf.predict(bnn, data[k], samples=eval_samples, likelihood="categorical",
