@@ -460,9 +460,18 @@ def _convert(args: argparse.Namespace, io: _IO) -> None:
     os.close(fd)
     try:
         with io.stage(f"writing {out}"):
-            bf.save(bnn, tmp, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
+            try:
+                bf.save(bnn, tmp, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
+            except ValueError as exc:
+                raise CLIError(f"cannot write {out}: {exc} (on the command line: --arch MODULE:CALLABLE "
+                               "[--arch-kwargs JSON])") from None
         with io.stage("checking that the output loads"):
-            bf.load(tmp)
+            try:
+                bf.load(tmp)
+            except ValueError as exc:
+                raise CLIError(f"{out} would not load with bf.load, so it was not written: "
+                               f"{str(exc).replace(tmp, out)} (on the command line: --arch MODULE:CALLABLE "
+                               "[--arch-kwargs JSON])") from None
         _check_output(out, args.force, args.model_file)
         os.chmod(tmp, os.stat(out).st_mode & 0o777 if os.path.exists(out) else _default_mode())
         os.replace(tmp, out)

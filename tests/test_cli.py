@@ -228,6 +228,7 @@ def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path: Path) -> None:
             body = evil_inputs.getvalue() if "sample_inputs" in info.filename else zin.read(info.filename)
             zout.writestr(info, body)
     (d / "truncated.pt2").write_bytes(buf.getvalue()[:500])
+    torch.save(TinyNet(hidden=5), d / "tiny5_whole.pt")  # its class rebuilds hidden=8 without arguments
     arch = ["--arch", "tests.test_cli:build_tiny"]
     out = d / "out.bnn"
     failures = {
@@ -257,11 +258,14 @@ def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path: Path) -> None:
         "evil .pt2 sample inputs": ["convert", "evil.pt2", "-o", "out.bnn"],
         "truncated .pt2": ["inspect", "truncated.pt2"],
         "bayesify file as input": ["convert", "ready.bnn", "-o", "out.bnn"],
+        "pickled model, recipe mismatch": ["convert", "tiny5_whole.pt", "--trust-pickle", "-o", "out.bnn"],
     }
     successes = {
         "inspect": ["inspect", "tiny_state.pt", *arch, "--exclude", "fc2"],
         "--force overwrites": ["convert", "tiny_state.pt", *arch, "-o", "existing2.bnn", "--force"],
         "--debug shows the traceback": ["convert", "notes.txt", "-o", "out.bnn", "--debug"],
+        "pickled model + --arch-kwargs": ["convert", "tiny5_whole.pt", "--trust-pickle", "--arch-kwargs",
+                                          '{"hidden": 5}', "-o", "tiny5.bnn"],
     }
     cases = {**failures, **successes}
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(list(cases.values()))], cwd=d, env=_env(),
@@ -282,6 +286,10 @@ def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path: Path) -> None:
     assert "--force" in results["output exists, no --force"].err
     assert (d / "existing.bnn").read_text() == "keep me"
     assert "already a bayesify model" in results["bayesify file as input"].err
+    assert "would not load" in results["pickled model, recipe mismatch"].err
+    assert ".part" not in results["pickled model, recipe mismatch"].err
+    assert results["pickled model + --arch-kwargs"].code == 0, results["pickled model + --arch-kwargs"].err
+    assert bf.load(d / "tiny5.bnn").model.fc1.out_features == 5
     assert "hidden" in results["bad --arch-kwargs JSON"].err or "JSON" in results["bad --arch-kwargs JSON"].err
     assert "missing" in results["state dict does not fit"].err or "shape" in results["state dict does not fit"].err
 
