@@ -221,6 +221,17 @@ def _bayesify(estimator: str | None) -> Callable[[nn.Module], nn.Module]:
     return convert
 
 
+def _bayesify_local_embeddings(model: nn.Module) -> nn.Module:
+    """The default estimator, except "local" for the embedding tables (a gather of the looked-up rows)."""
+    import bayesify as bf
+
+    bnn = bf.bayesify(model)
+    for m in bnn.modules():
+        if isinstance(m, bf.nn.VIEmbedding):
+            m.estimator = "local"
+    return bnn
+
+
 def _torch_blue(model: nn.Module) -> nn.Module:
     from torch_blue import vi
 
@@ -243,6 +254,7 @@ class Contender:
     convert: Callable[[nn.Module], nn.Module]
     runner: type[Runner]
     note: str = ""
+    workloads: tuple[str, ...] | None = None  # None: every workload
 
 
 CONTENDERS = [
@@ -250,6 +262,8 @@ CONTENDERS = [
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),
     Contender("bayesify flipout", _bayesify("flipout"), BayesifyRunner, "estimator='flipout'"),
+    Contender("bayesify, local emb.", _bayesify_local_embeddings, BayesifyRunner,
+              "default estimator, 'local' for nn.Embedding layers", ("minilm",)),
     Contender("torch_blue", _torch_blue, TorchBlueRunner, "convert_to_vimodule(keep_weights=True), samples=10"),
     Contender("bayesian-torch", _bayesian_torch, BayesianTorchRunner,
               "dnn_to_bnn with MOPED, a loop of 10 forwards"),
@@ -455,8 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict[str, Any] = {"env": env, "workloads": {}}
     for n in names:
         w = WORKLOADS[n]
-        res = bench_workload(w, CONTENDERS, repeats, opts.quick)
-        mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in CONTENDERS],
+        contenders = [c for c in CONTENDERS if c.workloads is None or n in c.workloads]
+        res = bench_workload(w, contenders, repeats, opts.quick)
+        mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in contenders],
                                                                          opts.quick, opts.threads)
         print("\n" + table(w, res, mem) + "\n", flush=True)
         report["workloads"][n] = {
