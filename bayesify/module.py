@@ -343,6 +343,8 @@ def _draw_meanfield_normal(q: MeanFieldNormal, prior: Normal, mean: Tensor, vpar
     std = q.std(mean, vparams)
     eps = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device)
     if not with_logp:
+        if not (torch.is_grad_enabled() and (std.requires_grad or mean.requires_grad)):
+            return eps.mul_(std).add_(mean), None, None  # no graph: reuse eps's memory
         return (std * eps).add_(mean), None, None  # == mean + std * eps, bit for bit
     loc = pbuffers["loc"] if prior.loc == "pretrained" else prior.loc
     w, quad, sq = _ReparamNormal.apply(mean, std, eps, loc)
@@ -370,7 +372,8 @@ _CHUNK_ELEMENTS = 1 << 20  # temporaries of at most ~4 MB (float32): reused by t
 class _ReparamNormal(torch.autograd.Function):
     """``w = mean + std * eps`` with ``quad = sum((w - loc)^2)`` and ``sq = sum(eps^2)`` per sample.
 
-    Reductions and the backward pass run over chunks of rows (the first non-sample dimension).
+    Reductions and the backward pass run over chunks of rows (the first non-sample dimension),
+    in one reused scratch buffer: fresh temporaries, even chunk-sized ones, page-fault on CPU.
     """
 
     @staticmethod
@@ -380,11 +383,12 @@ class _ReparamNormal(torch.autograd.Function):
         n = eps.shape[0]
         quad = eps.new_zeros(n)
         sq = eps.new_zeros(n)
+        scratch = _Scratch(eps)
         for rows in _row_chunks(eps):
-            d = _rows3(w, rows) - _rows2(loc, rows, mean)
-            e = _rows3(eps, rows)
-            quad += (d * d).sum((1, 2))
-            sq += (e * e).sum((1, 2))
+            d = scratch.like(_rows3(w, rows))
+            torch.sub(_rows3(w, rows), _rows2(loc, rows, mean), out=d)
+            quad += torch.linalg.vector_norm(d, dim=(1, 2)).square()
+            sq += torch.linalg.vector_norm(_rows3(eps, rows), dim=(1, 2)).square()
         ctx.save_for_backward(eps, w, loc if isinstance(loc, Tensor) else None)
         ctx.loc = None if isinstance(loc, Tensor) else loc
         ctx.mark_non_differentiable(sq)
@@ -400,17 +404,35 @@ class _ReparamNormal(torch.autograd.Function):
         g_mean = w.new_empty(shape)
         g_std = w.new_empty(shape)
         gq2 = None if gquad is None else (2 * gquad).view(-1, 1, 1)
+        scratch = _Scratch(eps)
         for rows in _row_chunks(eps):
+            w_r = _rows3(w, rows)
+            total = scratch.like(w_r)
             # d log_p / d w enters as 2 * gquad * (w - loc); the sample's gradient adds to it.
             if gq2 is not None:
-                total = gq2 * (_rows3(w, rows) - _rows2(loc, rows, w[0]))
+                torch.sub(w_r, _rows2(loc, rows, w[0]), out=total)
+                total.mul_(gq2)
                 if gw is not None:
-                    total += _rows3(gw, rows)
+                    total.add_(_rows3(gw, rows))
+            elif gw is not None:
+                total.copy_(_rows3(gw, rows))
             else:
-                total = _rows3(gw, rows) if gw is not None else torch.zeros_like(_rows3(w, rows))
+                total.zero_()
             torch.sum(total, 0, out=_rows2(g_mean, rows, g_mean))
-            torch.sum(total * _rows3(eps, rows), 0, out=_rows2(g_std, rows, g_std))
+            total.mul_(_rows3(eps, rows))
+            torch.sum(total, 0, out=_rows2(g_std, rows, g_std))
         return g_mean, g_std, None, None
+
+
+class _Scratch:
+    """One chunk-sized buffer, handed out as contiguous views shaped like each chunk."""
+
+    def __init__(self, like: Tensor) -> None:
+        per_row = like[:, :1].numel() if like.dim() > 1 else like.numel()
+        self.buf = like.new_empty(min(like.numel(), max(_CHUNK_ELEMENTS, per_row)))
+
+    def like(self, t: Tensor) -> Tensor:
+        return self.buf[: t.numel()].view(t.shape)
 
 
 def _row_chunks(samples: Tensor) -> Iterator[slice]:
