@@ -342,7 +342,8 @@ def _fsdp(rank: int, out: Path) -> dict[str, Any]:
 
     mlp_data = lambda: _data(rank)  # noqa: E731
     cnn_data = lambda: (torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,)))  # noqa: E731
-    convert = lambda: bf.bayesify(SmallCNN())  # noqa: E731
+    convert = lambda: bf.bayesify(SmallCNN(), prior=bf.priors.Normal("pretrained", 0.1),  # noqa: E731
+                                  variational=bf.variational.MeanFieldNormal(init_std=1e-3))
     for name, build, data in (("mlp", MLP, mlp_data), ("cnn", convert, cnn_data)):
         ref, res[f"{name}_losses_ddp"] = run(build, "ddp", 5, data)
         sharded, res[f"{name}_losses_fsdp"] = run(build, "fsdp", 5, data)
