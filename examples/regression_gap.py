@@ -14,8 +14,8 @@ mean ± 2 standard deviations (epistemic + learned observation noise).
 
 Run::
 
-    python examples/regression_gap.py           # writes out/regression_gap.png
-    python examples/regression_gap.py --fast    # fewer steps (CI)
+    python examples/regression_gap.py           # 5 seeds; writes out/regression_gap.png (seed 0)
+    python examples/regression_gap.py --fast    # 1 seed, fewer steps (CI)
 """
 
 from __future__ import annotations
@@ -123,35 +123,51 @@ def plot(models: dict[str, tuple[bf.BayesianModel, float]], point: nn.Module, x:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="fewer steps (CI)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=5, help="data / network seeds 0..N-1 (--fast: 1)")
     ap.add_argument("--out", default="out")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    torch.manual_seed(args.seed)
-    x, y = make_data(100, torch.Generator().manual_seed(args.seed))
-    point = train_point(mlp(), x, y, 1000 if args.fast else 2000)
+    seeds = [0] if args.fast else list(range(args.seeds))
     steps, samples = (400, 100) if args.fast else (2000, 500)
-    rows, models = {}, {}
-    for name, include in (("output layer", ["out"]), ("all layers", None)):
-        torch.manual_seed(args.seed)
-        bnn, loss_fn = finetune(point, x, y, steps, include=include)
-        rows[name] = {**spreads(bnn, x, samples, args.seed), "noise_std": loss_fn.noise_std.item()}
-        models[name] = (bnn, rows[name]["noise_std"])
-    print(f"1-D regression, data in {CLUSTERS}, gap measured on {GAP}; true noise std {NOISE}")
+    variants = {'include=["out"]': ["out"], "(all layers)": None}
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        x, y = make_data(100, torch.Generator().manual_seed(seed))
+        point = train_point(mlp(), x, y, 1000 if args.fast else 2000)
+        models = {}
+        for name, include in variants.items():
+            torch.manual_seed(seed)
+            bnn, loss_fn = finetune(point, x, y, steps, include=include)
+            rows[name].append({**spreads(bnn, x, samples, seed), "noise_std": loss_fn.noise_std.item()})
+            models[name] = (bnn, rows[name][-1]["noise_std"])
+        if seed == seeds[0]:
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, "regression_gap.png")
+            plot(models, point, x, y, samples, path)
+
+    def cell(name: str, key: str, fmt: str) -> str:
+        vals = torch.tensor([r[key] for r in rows[name]], dtype=torch.float64)
+        return format(float(vals.mean()), fmt) + ("" if len(vals) == 1 else " ± " + format(float(vals.std()), fmt))
+
+    print(f"1-D regression, data in {CLUSTERS}, gap measured on {GAP}, true noise std {NOISE}; "
+          f"{len(seeds)} seed(s), mean ± std")
     print("| bayesify(point, ...) | epistemic std in the gap | on the data | gap / data | learned noise std |")
     print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        inc = 'include=["out"]' if name == "output layer" else "(all layers)"
-        print(f"| {inc} | {r['gap']:.3f} | {r['data']:.3f} | {r['ratio']:.2f} | {r['noise_std']:.3f} |")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "regression_gap.png")
-    plot(models, point, x, y, samples, path)
-    print(f"wrote {path} ({time.perf_counter() - t:.0f} s)")
-    return {"ratio": rows["output layer"]["ratio"], "ratio_all_layers": rows["all layers"]["ratio"],
-            "noise_std": rows["output layer"]["noise_std"]}
+    for name in variants:
+        print(f"| {name} | {cell(name, 'gap', '.3f')} | {cell(name, 'data', '.3f')} | "
+              f"{cell(name, 'ratio', '.2f')} | {cell(name, 'noise_std', '.3f')} |")
+    if len(seeds) > 1:
+        for name in variants:
+            print(f"gap / data per seed, {name}: " + ", ".join(f"{r['ratio']:.2f}" for r in rows[name]))
+    print(f"wrote {path} (seed {seeds[0]}; {time.perf_counter() - t:.0f} s)")
+    first = {name: rs[0] for name, rs in rows.items()}
+    return {"ratio": first['include=["out"]']["ratio"], "ratio_all_layers": first["(all layers)"]["ratio"],
+            "noise_std": first['include=["out"]']["noise_std"]}
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])
