@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [0] if args.fast else list(range(args.seeds))
-    pre, fine, samples = (60, 20, 30) if args.fast else (60, 20, 100)
+    pre, fine, samples = (60, 15, 30) if args.fast else (60, 20, 100)
     t = time.perf_counter()
     results = run(seeds, pre, fine, samples)
     print(f"\nscikit-learn digits, {len(seeds)} seed(s), mean ± std; OOD score: predictive entropy")

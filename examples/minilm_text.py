@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = TextClassifier(bert, classes=len(TOPICS))
     train_head(model, enc["train"], data["train"][1], 200)
     t = time.perf_counter()
-    bnn = finetune(model, enc["train"], data["train"][1], 15 if args.fast else 100, 16, args.seed)
+    bnn = finetune(model, enc["train"], data["train"][1], 8 if args.fast else 100, 16, args.seed)
     t_fit = time.perf_counter() - t
     print(describe(bnn, model))
     samples = 10 if args.fast else 100
