@@ -250,9 +250,13 @@ def plot(results: dict[str, list[dict[str, float]]], path: str) -> None:
                                                      ("auroc_heldout", "AUROC held-out 8/9 (higher)")]):
         ms = list(results)
         vals = [torch.tensor([r[key] for r in results[m]], dtype=torch.float64) for m in ms]
-        ax.bar(ms, [v.mean() for v in vals], yerr=[v.std() if len(v) > 1 else 0 for v in vals], capsize=3)
+        ax.bar(range(len(ms)), [v.mean() for v in vals], yerr=[v.std() if len(v) > 1 else 0 for v in vals],
+               capsize=3)
+        ax.set_xticks(range(len(ms)), [m.replace(" ", "\n") for m in ms])
+        if key.startswith("auroc"):
+            ax.set_ylim(0.9, 1.0)
         ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
