@@ -64,12 +64,17 @@ DEFAULT_VARIATIONAL = default_variational
 class BayesianModel(VIModule):
     """A converted model: ``bnn(*args, samples=N, **kwargs)`` samples the wrapped ``.model``.
 
-    ``bnn.model(*args)`` (outside sampling) computes with the posterior means.
+    ``bnn.model(*args)`` (outside sampling) computes with the posterior means: every
+    Bayesian layer inside it is marked to use its means when called without ``samples=``
+    (its parameters hold the means; sampling substitutes draws for them).
     ``conversion`` holds the JSON-able conversion spec, ``conversion_plan`` the plan.
     """
 
     def __init__(self, model: nn.Module, conversion: dict[str, Any], conversion_plan: Plan | None = None) -> None:
         super().__init__()
+        for m in model.modules():
+            if isinstance(m, VIModule):
+                m._means_outside_sampling = True
         self.model = model
         self.conversion = conversion
         self.conversion_plan = conversion_plan

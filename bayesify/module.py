@@ -89,6 +89,10 @@ class VIModule(nn.Module):
 
     #: Why vmap failed on this model (then samples are evaluated one by one).
     _vmap_failure: str | None = None
+    #: Set on the layers inside a converted model (see ``BayesianModel``): called on its own,
+    #: without ``samples=``/``generator=``/``chunk_size=``, such a module computes with the
+    #: posterior means instead of sampling, so ``bnn.model(x)`` is the mean prediction.
+    _means_outside_sampling: bool = False
 
     def __call__(self, *args: Any, samples: int | None = None, generator: torch.Generator | None = None,
                  chunk_size: int | None = None, **kwargs: Any) -> Any:
@@ -98,6 +102,8 @@ class VIModule(nn.Module):
                     "samples= is owned by the outermost VIModule; do not pass it to an inner module"
                 )
             return super().__call__(*args, **kwargs)
+        if self._means_outside_sampling and samples is None and generator is None and chunk_size is None:
+            return super().__call__(*args, **kwargs)  # the parameters hold the posterior means
         n = DEFAULT_SAMPLES if samples is None else check_samples(samples)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):

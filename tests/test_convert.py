@@ -192,6 +192,33 @@ def test_to_point_returns_the_means() -> None:
         assert torch.equal(point(x), model(x))
 
 
+def test_wrapped_model_outside_sampling_computes_with_the_means(case: Case) -> None:
+    """``bnn.model(x)`` is the mean prediction: the converted means start at the pretrained
+    weights, so it equals the original model's output (each inner layer does not sample)."""
+    torch.manual_seed(0)
+    model = case.build().eval()
+    args, kwargs = case.inputs()
+    with torch.no_grad():
+        ref = first(model(*args, **kwargs))
+    bnn = bf.bayesify(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            out = first(bnn.model(*args, **kwargs))
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_inner_layer_still_samples_when_asked_and_hand_written_layers_sample() -> None:
+    bnn = bf.bayesify(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    x = torch.randn(5, 3)
+    assert bnn.model[0](x).shape == (5, 4)  # means
+    assert bnn.model[0](x, samples=3).shape == (3, 5, 4)  # asked for samples
+    assert bf.nn.VILinear(3, 4)(x).shape == (10, 5, 4)  # a hand-written layer owns samples=
+    loaded = copy.deepcopy(bnn)
+    assert loaded.model(x).shape == (5, 2)
+
+
 def test_plan_changes_nothing_and_renders() -> None:
     import torchvision
 
