@@ -259,7 +259,8 @@ def load_input(args: argparse.Namespace, io: _IO, allow_bayesian: bool = False) 
         with io.stage(f"loading Hugging Face model from {path}"):
             return _load_hf(path)
     if kind == "pt2":
-        from .io import _Untrusted, exported_module, load_exported_program
+        from ._pt2 import _Untrusted
+        from .io import exported_module, load_exported_program
 
         with io.stage(f"loading torch.export program {path}"):
             try:

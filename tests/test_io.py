@@ -18,6 +18,7 @@ from torch import nn
 
 import bayesify as bf
 from bayesify import io as bio
+from bayesify._pt2 import _Untrusted
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -411,7 +412,7 @@ def test_exported_programs_that_would_run_code_are_refused(tmp_path: Path) -> No
             data = out.getvalue()
         with pytest.raises(ValueError) as info:
             bio.load_exported_program(data)
-        assert isinstance(info.value, bio._Untrusted), (name, info.value)
+        assert isinstance(info.value, _Untrusted), (name, info.value)
         assert not marker.exists(), name
     with pytest.raises(ValueError, match="not a torch.export"):
         bio.load_exported_program(b"PK\x03\x04 not really")
