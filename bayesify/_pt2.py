@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+
 class _Untrusted(ValueError):
     """A .pt2 part that torch.export.load would unpickle or execute."""
 
