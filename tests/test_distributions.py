@@ -17,15 +17,6 @@ from bayesify.variational import MeanFieldNormal, PointMass, get_variational, in
 N_MC = 200_000  # draws for moment checks (elementwise over a small tensor)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops: intra-op threads only add overhead (and on a busy machine a lot of it).
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

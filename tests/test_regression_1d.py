@@ -21,16 +21,6 @@ N = 200
 NOISE = 0.1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small ops: intra-op threads only add overhead, and on a busy 2-core machine they
-    # make training an order of magnitude slower.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.cat([torch.rand(N // 2, 1, generator=g) * 2 - 3, torch.rand(N // 2, 1, generator=g) * 2 + 1])
