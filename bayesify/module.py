@@ -22,7 +22,6 @@ per-sample updates (identical to the point model's update when the samples agree
 from __future__ import annotations
 
 import sys
-import math
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -33,14 +32,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .priors import Normal
 from .sites import Site, analytic_kl, iter_sites
-from .variational import MeanFieldNormal
 
 __all__ = ["VIModule", "sampling_active", "vi_attributes", "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 10
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 _STATE = threading.local()
 
@@ -134,11 +130,8 @@ class VIModule(nn.Module):
             if site.estimator != "reparam" and not spec.variational.deterministic:
                 # Sampled inside the layer (local reparameterisation / Flipout): analytic KL.
                 if with_logp:
-                    if type(spec.variational) is MeanFieldNormal and type(spec.prior) is Normal:
-                        k = _kl_meanfield_normal(spec.variational, spec.prior, mean, site.vparams(),
-                                                 site.pbuffers())
-                    else:
-                        k = analytic_kl(site)
+                    k = spec.variational.kl_to(spec.prior, mean, site.vparams(), site.pbuffers())
+                    k = analytic_kl(site) if k is None else k
                     kl = k if kl is None else kl + k
                 continue
             if spec.variational.deterministic:
@@ -146,13 +139,8 @@ class VIModule(nn.Module):
                     lp = spec.prior.log_prob(mean, site.pbuffers()).sum().expand(n)
                     log_p = lp if log_p is None else log_p + lp
                 continue
-            if type(spec.variational) is MeanFieldNormal and type(spec.prior) is Normal:
-                w, lp, lq = _draw_meanfield_normal(spec.variational, spec.prior, mean, site.vparams(),
-                                                   site.pbuffers(), n, generator, with_logp)
-            else:
-                w, lq = spec.variational.sample(mean, site.vparams(), n, generator)
-                if with_logp:
-                    lp = spec.prior.log_prob(w, site.pbuffers()).reshape(n, -1).sum(1)
+            w, lp, lq = spec.variational.sample_with_prior(mean, site.vparams(), spec.prior, site.pbuffers(),
+                                                           n, generator, with_logp)
             weights[site.qualname] = w
             if with_logp:
                 log_p = lp if log_p is None else log_p + lp
@@ -334,140 +322,6 @@ def _swapped(locations: list[tuple[dict, str, str]], tensors: dict[str, Tensor])
     finally:
         for store, attr, old in reversed(saved):
             store[attr] = old
-
-
-def _draw_meanfield_normal(q: MeanFieldNormal, prior: Normal, mean: Tensor, vparams: dict[str, Tensor],
-                           pbuffers: dict[str, Tensor], n: int, generator: torch.Generator | None,
-                           with_logp: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``q.sample`` plus the summed ``prior.log_prob`` for the default pair, without sample-sized temporaries.
-
-    Same draws (same RNG call, bit-identical samples) and the same log densities up to float
-    rounding. The generic path allocates about ten ``(n, *shape)`` tensors per site, in forward
-    and backward; on CPU each is a page-faulting pass over fresh memory, which dominated the
-    sampler. Here only ``eps`` and the sample are allocated; the rest runs in small chunks.
-    """
-    std = q.std(mean, vparams)
-    eps = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device)
-    if not with_logp:
-        if not (torch.is_grad_enabled() and (std.requires_grad or mean.requires_grad)):
-            return eps.mul_(std).add_(mean), None, None  # no graph: reuse eps's memory
-        return (std * eps).add_(mean), None, None  # == mean + std * eps, bit for bit
-    loc = pbuffers["loc"] if prior.loc == "pretrained" else prior.loc
-    w, quad, sq = _ReparamNormal.apply(mean, std, eps, loc)
-    numel = mean.numel()
-    log_q = -0.5 * sq - (std.log().sum() + numel * _HALF_LOG_2PI)
-    log_p = (-0.5 / prior.scale ** 2) * quad - numel * (math.log(prior.scale) + _HALF_LOG_2PI)
-    return w, log_p, log_q
-
-
-def _kl_meanfield_normal(q: MeanFieldNormal, prior: Normal, mean: Tensor, vparams: dict[str, Tensor],
-                         pbuffers: dict[str, Tensor]) -> Tensor:
-    """``analytic_kl`` for the default pair in closed form, summed: a few passes instead of ~25."""
-    std = q.std(mean, vparams)
-    loc = pbuffers["loc"] if prior.loc == "pretrained" else prior.loc
-    d = (mean - loc).flatten()
-    s = std.flatten()
-    numel = mean.numel()
-    return ((torch.dot(s, s) + torch.dot(d, d)) / (2 * prior.scale ** 2) - s.log().sum()
-            + numel * (math.log(prior.scale) - 0.5))
-
-
-_CHUNK_ELEMENTS = 1 << 20  # temporaries of at most ~4 MB (float32): reused by the allocator, no page faults
-
-
-class _ReparamNormal(torch.autograd.Function):
-    """``w = mean + std * eps`` with ``quad = sum((w - loc)^2)`` and ``sq = sum(eps^2)`` per sample.
-
-    Reductions and the backward pass run over chunks of rows (the first non-sample dimension),
-    in one reused scratch buffer: fresh temporaries, even chunk-sized ones, page-fault on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, mean: Tensor, std: Tensor, eps: Tensor, loc: Tensor | float
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        w = (std * eps).add_(mean)
-        n = eps.shape[0]
-        quad = eps.new_zeros(n)
-        sq = eps.new_zeros(n)
-        scratch = _Scratch(eps)
-        for rows in _row_chunks(eps):
-            d = scratch.like(_rows3(w, rows))
-            torch.sub(_rows3(w, rows), _rows2(loc, rows, mean), out=d)
-            quad += torch.linalg.vector_norm(d, dim=(1, 2)).square()
-            sq += torch.linalg.vector_norm(_rows3(eps, rows), dim=(1, 2)).square()
-        ctx.save_for_backward(eps, w, loc if isinstance(loc, Tensor) else None)
-        ctx.loc = None if isinstance(loc, Tensor) else loc
-        ctx.mark_non_differentiable(sq)
-        return w, quad, sq
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, gw: Tensor | None, gquad: Tensor | None, _gsq: Tensor | None
-                 ) -> tuple[Tensor | None, Tensor | None, None, None]:
-        eps, w, loc_t = ctx.saved_tensors
-        loc = loc_t if loc_t is not None else ctx.loc
-        shape = w.shape[1:]
-        g_mean = w.new_empty(shape)
-        g_std = w.new_empty(shape)
-        gq2 = None if gquad is None else (2 * gquad).view(-1, 1, 1)
-        scratch = _Scratch(eps)
-        for rows in _row_chunks(eps):
-            w_r = _rows3(w, rows)
-            total = scratch.like(w_r)
-            # d log_p / d w enters as 2 * gquad * (w - loc); the sample's gradient adds to it.
-            if gq2 is not None:
-                torch.sub(w_r, _rows2(loc, rows, w[0]), out=total)
-                total.mul_(gq2)
-                if gw is not None:
-                    total.add_(_rows3(gw, rows))
-            elif gw is not None:
-                total.copy_(_rows3(gw, rows))
-            else:
-                total.zero_()
-            torch.sum(total, 0, out=_rows2(g_mean, rows, g_mean))
-            total.mul_(_rows3(eps, rows))
-            torch.sum(total, 0, out=_rows2(g_std, rows, g_std))
-        return g_mean, g_std, None, None
-
-
-class _Scratch:
-    """One chunk-sized buffer, handed out as contiguous views shaped like each chunk."""
-
-    def __init__(self, like: Tensor) -> None:
-        per_row = like[:, :1].numel() if like.dim() > 1 else like.numel()
-        self.buf = like.new_empty(min(like.numel(), max(_CHUNK_ELEMENTS, per_row)))
-
-    def like(self, t: Tensor) -> Tensor:
-        return self.buf[: t.numel()].view(t.shape)
-
-
-def _row_chunks(samples: Tensor) -> Iterator[slice]:
-    """Slices over the first non-sample dim so a chunk of ``samples`` holds ~``_CHUNK_ELEMENTS``."""
-    if samples.dim() == 1:
-        yield slice(None)
-        return
-    per_row = samples[:, :1].numel()
-    step = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
-    for start in range(0, samples.shape[1], step):
-        yield slice(start, start + step)
-
-
-def _rows3(t: Tensor, rows: slice) -> Tensor:
-    """Rows of a ``(n, *shape)`` tensor as ``(n, rows, rest)`` (a view; no copy of a strided grad)."""
-    if t.dim() == 1:
-        return t.view(-1, 1, 1)
-    chunk = t[:, rows]
-    return chunk.reshape(chunk.shape[0], chunk.shape[1], -1)
-
-
-def _rows2(t: Tensor | float, rows: slice, like: Tensor) -> Tensor | float:
-    """Rows of a ``shape``-shaped tensor as ``(rows, rest)``; scalars pass through."""
-    if not isinstance(t, Tensor):
-        return t
-    if like.dim() == 0:
-        return t.view(1, 1)
-    chunk = t[rows]
-    return chunk.reshape(chunk.shape[0], -1)
 
 
 @contextmanager

@@ -18,15 +18,6 @@ import bayesify as bf
 from bayesify.variational import MeanFieldNormal, PointMass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small ops: intra-op threads only add overhead on a busy 2-core machine.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 N = 4000  # samples for the moment comparisons
 Q = MeanFieldNormal(init_std=0.3)  # a wide posterior, so the variances are far from zero
 
@@ -317,41 +308,7 @@ def test_sampled_forward_under_inductor():
     torch.testing.assert_close(out, eager)
 
 
-# --- the sampler's fast path for the default pair ---------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(), (7,), (5, 3), (40, 301), (4, 3, 2, 2)])
-@pytest.mark.parametrize("loc", [0.3, "tensor"])
-@pytest.mark.parametrize("chunk", [None, 50])
-def test_reparam_fast_path_matches_the_formulas(shape, loc, chunk, monkeypatch):
-    # MeanFieldNormal x Normal draws through a chunked custom autograd.Function; it must give
-    # the plain formulas' sample, sums and gradients (also across chunk borders and for
-    # transposed incoming gradients, as F.linear's weight gradient is under vmap).
-    from bayesify import module as M
-
-    if chunk is not None:
-        monkeypatch.setattr(M, "_CHUNK_ELEMENTS", chunk)
-    g = torch.Generator().manual_seed(0)
-    mean = torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_()
-    std = (torch.rand(shape, dtype=torch.float64, generator=g) + 0.1).requires_grad_()
-    eps = torch.randn((3, *shape), dtype=torch.float64, generator=g)
-    L = torch.randn(shape, dtype=torch.float64, generator=g) if loc == "tensor" else loc
-    w, quad, sq = M._ReparamNormal.apply(mean, std, eps, L)
-    w_ref = mean + std * eps
-    quad_ref = ((w_ref - L) ** 2).reshape(3, -1).sum(1)
-    assert torch.equal(w, w_ref)
-    torch.testing.assert_close(quad, quad_ref)
-    torch.testing.assert_close(sq, (eps ** 2).reshape(3, -1).sum(1))
-    gw = torch.randn((3, *shape), dtype=torch.float64, generator=g)
-    if len(shape) == 2:
-        gw = gw.transpose(-1, -2).contiguous().transpose(-1, -2)
-    gq = torch.randn(3, dtype=torch.float64, generator=g)
-    for got, ref in [((w * gw).sum() + (quad * gq).sum(), (w_ref * gw).sum() + (quad_ref * gq).sum()),
-                     ((quad * gq).sum(), (quad_ref * gq).sum()),
-                     ((w * gw).sum(), (w_ref * gw).sum())]:
-        for a, b in zip(torch.autograd.grad(got, (mean, std), retain_graph=True),
-                        torch.autograd.grad(ref, (mean, std), retain_graph=True)):
-            torch.testing.assert_close(a, b)
+# --- the sampler's path for the default pair (the kernel itself: tests/test_normal.py) ---------
 
 
 def test_sampler_log_probs_equal_the_families_own():

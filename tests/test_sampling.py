@@ -16,15 +16,6 @@ from bayesify.priors import Laplace, Normal
 from bayesify.variational import MeanFieldNormal, PointMass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops: intra-op threads only add overhead (and on a busy machine a lot of it).
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -1,0 +1,268 @@
+"""Standard-normal noise for weight samples on CPU: block-seeded, threaded, regenerable.
+
+``torch.randn`` on CPU runs on one thread and, for the ``(samples, *shape)`` noise of
+a whole network, writes hundreds of MB of freshly allocated (page-faulting) memory.
+Here the noise of one tensor is cut into fixed blocks; block ``b`` is drawn by its own
+``torch.Generator`` seeded ``seed + b``. So
+
+- blocks are drawn in parallel on ``torch.get_num_threads()`` threads (``normal_``
+  releases the GIL), with the same result for any thread count;
+- the backward pass can *regenerate* any block from its seed instead of keeping the
+  noise alive: the reparameterised sample ``w = mean + std * eps`` is the only
+  sample-sized tensor a training step keeps.
+
+Other devices use one plain ``normal_`` call with the caller's generator. Under
+``torch.compile`` these functions run eagerly (a graph break), so a compiled model
+draws exactly the noise the eager one does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["BLOCK", "Layout", "draw_seed", "fill", "regenerate", "run_parallel", "scratch", "standard_normal"]
+
+#: Elements per block: large enough that Python overhead is negligible, small enough to
+#: stay in cache for the fused work done on each block.
+BLOCK = 1 << 18
+_MASK = (1 << 32) - 1  # torch's CPU generator (mt19937) seeds from the low 32 bits
+
+_POOL: dict[str, Any] = {"pid": None, "pool": None, "size": 0}
+_LOCAL = threading.local()
+
+
+def draw_seed(generator: torch.Generator | None, device: torch.device | str = "cpu") -> int:
+    """One seed from ``generator`` (or the global RNG): the only draw the caller's RNG sees."""
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator,
+                             device=generator.device if generator is not None else "cpu"))
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def run_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``tasks`` on a thread pool of ``torch.get_num_threads()`` workers (inline for one)."""
+    size = _threads()
+    if size == 1 or len(tasks) <= 1:
+        return [t() for t in tasks]
+    if _POOL["pid"] != os.getpid() or _POOL["size"] != size:  # a fork or a new thread count
+        _POOL.update(pid=os.getpid(), size=size, pool=ThreadPoolExecutor(size, thread_name_prefix="bayesify"))
+    grad = torch.is_grad_enabled()  # grad mode is per thread: carry the caller's over
+
+    def call(t: Callable[[], Any]) -> Any:
+        with torch.set_grad_enabled(grad):
+            return t()
+
+    return list(_POOL["pool"].map(call, tasks))
+
+
+def _generator() -> torch.Generator:
+    g = getattr(_LOCAL, "gen", None)
+    if g is None:
+        g = _LOCAL.gen = torch.Generator()
+    return g
+
+
+def scratch(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
+    """A per-thread reusable buffer of at least ``numel`` elements (fresh memory page-faults on CPU)."""
+    key = (slot, dtype)
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(max(numel, BLOCK), dtype=dtype)
+    return buf[:numel]
+
+
+class Layout:
+    """How the noise of an ``(n, numel)`` tensor is cut into blocks.
+
+    Small tensors (``n * numel <= BLOCK``) are one block (index 0). Otherwise each
+    sample's row is cut into ``chunks`` column ranges of ``columns`` elements; block
+    ``(s, c)`` has index ``s * chunks + c``. Column ranges are the parallel tasks, so two
+    tasks never touch the same columns (no races when reducing over samples).
+    """
+
+    def __init__(self, n: int, numel: int) -> None:
+        self.n, self.numel = n, numel
+        self.whole = n * numel <= BLOCK
+        self.columns = max(1, min(numel, BLOCK))
+        self.chunks = 1 if self.whole else math.ceil(numel / self.columns)
+
+    def cols(self, c: int) -> slice:
+        if self.whole:
+            return slice(0, self.numel)
+        return slice(c * self.columns, min((c + 1) * self.columns, self.numel))
+
+    @property
+    def count(self) -> int:
+        """Number of seeds this tensor uses."""
+        return 1 if self.whole else self.n * self.chunks
+
+
+def _fill(out: Tensor, seed: int) -> Tensor:
+    g = _generator()
+    g.manual_seed(seed & _MASK)
+    return out.normal_(generator=g)
+
+
+def fill(flat: Tensor, seed: int, per_block: Callable[[slice, slice, Tensor], Any] | None = None) -> list[Any]:
+    """Fill ``flat`` ``(n, numel)`` (contiguous) with N(0, 1) noise, block by block, in parallel.
+
+    ``per_block(samples, cols, block)`` runs on each filled block (the view
+    ``flat[samples, cols]``) while it is hot in cache; the results come back as a list
+    of ``(samples, cols, result)``.
+    """
+    lay = Layout(*flat.shape)
+    if lay.whole:
+        _fill(flat, seed)
+        everything = slice(0, lay.n)
+        return [(everything, lay.cols(0), per_block(everything, lay.cols(0), flat) if per_block else None)]
+
+    def task(c: int) -> list[Any]:
+        cols = lay.cols(c)
+        res = []
+        for s in range(lay.n):
+            block = flat[s, cols]
+            _fill(block, seed + s * lay.chunks + c)
+            one = slice(s, s + 1)
+            res.append((one, cols, per_block(one, cols, block.unsqueeze(0)) if per_block else None))
+        return res
+
+    return [r for rs in run_parallel([lambda c=c: task(c) for c in range(lay.chunks)]) for r in rs]
+
+
+def regenerate(lay: Layout, seed: int, s: int, c: int, out: Tensor) -> Tensor:
+    """The noise of block ``(s, c)`` (``c`` only for a whole-tensor layout) again, bit for bit."""
+    return _fill(out, seed if lay.whole else seed + s * lay.chunks + c)
+
+
+def fast_path(t: Tensor) -> bool:
+    """True where the block-seeded threaded noise applies (CPU, eager, floating point)."""
+    if t.device.type != "cpu" or not t.is_floating_point():
+        return False
+    return not isinstance(t, torch._subclasses.FakeTensor) and t.layout == torch.strided
+
+
+@torch.compiler.disable  # eager under torch.compile too: the same noise as without it
+def standard_normal(shape: Iterable[int], dtype: torch.dtype, device: torch.device,
+                    generator: torch.Generator | None) -> Tensor:
+    """``(n, *shape)`` N(0, 1) noise, reproducible from ``generator`` (one seed drawn from it)."""
+    shape = tuple(shape)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if fast_path(out) and out.numel():
+        fill(out.view(shape[0], -1), draw_seed(generator))
+        return out
+    return out.normal_(generator=generator)
+
+
+# --- w = mean + std * eps with the Normal prior's statistics, eps regenerated in backward ---------
+
+
+@torch.compiler.disable  # eager under torch.compile too: the same noise as without it
+def meanfield_draw(mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int,
+                   generator: torch.Generator | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``n`` samples ``w = mean + std * eps`` with, when ``loc`` is given, per-sample
+    ``quad = sum((w - loc)**2)`` and ``sq = sum(eps**2)`` (the Normal log densities' data terms).
+
+    On the fast path the noise is block-seeded (see the module docstring) and never kept:
+    the backward pass regenerates it block by block. Elsewhere plain tensor ops.
+    """
+    if not fast_path(mean) or mean.numel() == 0:
+        eps = torch.empty((n, *mean.shape), dtype=mean.dtype, device=mean.device).normal_(generator=generator)
+        w = mean + std * eps
+        if loc is None:
+            return w, None, None
+        dims = tuple(range(1, w.dim()))
+        return w, (w - loc).square().sum(dims), eps.square().sum(dims)
+    seed = draw_seed(generator)
+    grad = torch.is_grad_enabled() and (mean.requires_grad or std.requires_grad)
+    if not grad and loc is None:
+        w = torch.empty((n, *mean.shape), dtype=mean.dtype)
+        m, sd = mean.detach().reshape(-1), std.detach().reshape(-1)
+        fill(w.view(n, -1), seed, lambda _s, cols, b: b.mul_(sd[cols]).add_(m[cols]))
+        return w, None, None
+    w, quad, sq = _MeanFieldDraw.apply(mean, std, loc, n, seed)
+    return (w, None, None) if loc is None else (w, quad, sq)
+
+
+def _flat(t: Tensor | float | None, like: Tensor) -> Tensor | float | None:
+    return t.reshape(-1) if isinstance(t, Tensor) else t
+
+
+class _MeanFieldDraw(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int, seed: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        w = torch.empty((n, *mean.shape), dtype=mean.dtype)
+        flat = w.view(n, -1)
+        m, sd = mean.reshape(-1), std.reshape(-1)
+        lc = _flat(loc, mean)
+
+        def per_block(_s: slice, cols: slice, b: Tensor) -> tuple[Tensor, Tensor | None]:
+            sq = torch.linalg.vector_norm(b, dim=1).square()
+            b.mul_(sd[cols]).add_(m[cols])
+            if lc is None:
+                return sq, None
+            d = scratch(b.numel(), b.dtype, 1).view(b.shape)
+            torch.sub(b, lc[cols] if isinstance(lc, Tensor) else lc, out=d)
+            return sq, torch.linalg.vector_norm(d, dim=1).square()
+
+        sq = w.new_zeros(n)
+        quad = w.new_zeros(n)
+        for samples, _cols, (s_sq, s_quad) in fill(flat, seed, per_block):
+            sq[samples] += s_sq
+            if s_quad is not None:
+                quad[samples] += s_quad
+        ctx.save_for_backward(w, loc if isinstance(loc, Tensor) else None)
+        ctx.loc, ctx.seed, ctx.shape = (None if isinstance(loc, Tensor) else loc), seed, mean.shape
+        ctx.mark_non_differentiable(sq)
+        return w, quad, sq
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, gw: Tensor | None, gquad: Tensor | None, _gsq: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        w, loc_t = ctx.saved_tensors
+        loc = _flat(loc_t, w) if loc_t is not None else ctx.loc
+        n = w.shape[0]
+        flat = w.view(n, -1)
+        lay = Layout(n, flat.shape[1])
+        g = None if gw is None else gw.reshape(n, -1)
+        gq2 = None if gquad is None or loc is None else (2 * gquad).view(n, 1)
+        g_mean = w.new_empty(flat.shape[1])
+        g_std = w.new_empty(flat.shape[1])
+
+        def task(c: int) -> None:
+            cols = lay.cols(c)
+            gm, gs = g_mean[cols].zero_(), g_std[cols].zero_()
+            rows = [slice(0, n)] if lay.whole else [slice(s, s + 1) for s in range(n)]
+            for i, samples in enumerate(rows):
+                k = samples.stop - samples.start
+                size = k * (cols.stop - cols.start)
+                eps = regenerate(lay, ctx.seed, i, c, scratch(size, w.dtype, 0)).view(k, -1)
+                t = scratch(size, w.dtype, 1).view(k, -1)
+                if gq2 is not None:
+                    torch.sub(flat[samples, cols], loc[cols] if isinstance(loc, Tensor) else loc, out=t)
+                    t.mul_(gq2[samples])
+                    if g is not None:
+                        t.add_(g[samples, cols])
+                elif g is not None:
+                    t.copy_(g[samples, cols])
+                else:
+                    t.zero_()
+                gm.add_(t.sum(0) if k > 1 else t[0])
+                t.mul_(eps)
+                gs.add_(t.sum(0) if k > 1 else t[0])
+
+        run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])
+        return g_mean.view(ctx.shape), g_std.view(ctx.shape), None, None, None

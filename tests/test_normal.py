@@ -1,0 +1,108 @@
+"""The block-seeded noise kernel (bayesify._normal): reproducible, thread-count independent,
+and the regenerating backward equals autograd through ``mean + std * eps``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bayesify import _normal
+from bayesify._normal import BLOCK, meanfield_draw, standard_normal
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+SHAPES = [(3,), (7, 5), (BLOCK // 2 + 3, 3), (4, BLOCK // 3 + 1)]  # one block ... several column chunks
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_noise_is_standard_normal_and_reproducible(shape):
+    a = standard_normal((6, *shape), torch.float32, torch.device("cpu"), _gen(1))
+    b = standard_normal((6, *shape), torch.float32, torch.device("cpu"), _gen(1))
+    c = standard_normal((6, *shape), torch.float32, torch.device("cpu"), _gen(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    if a.numel() > 10_000:
+        assert abs(a.mean().item()) < 0.01 and abs(a.std().item() - 1) < 0.01
+    # different samples and different blocks get different noise
+    assert not torch.equal(a[0], a[1])
+
+
+def test_noise_does_not_depend_on_the_thread_count():
+    shape = (5, 2 * BLOCK + 17)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = standard_normal(shape, torch.float32, torch.device("cpu"), _gen(3))
+        torch.set_num_threads(2)
+        two = standard_normal(shape, torch.float32, torch.device("cpu"), _gen(3))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("loc", ["tensor", 0.25, None])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_regenerating_backward_equals_autograd(shape, loc, threads):
+    torch.manual_seed(0)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mean = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        rho = torch.randn(shape, dtype=torch.float64).sub_(2).requires_grad_()
+        lc = torch.randn(shape, dtype=torch.float64) if loc == "tensor" else loc
+        n = 4
+        g_out = torch.randn(n, *shape, dtype=torch.float64)
+        g_quad = torch.randn(n, dtype=torch.float64)
+
+        std = torch.nn.functional.softplus(rho)
+        w, quad, sq = meanfield_draw(mean, std, lc, n, _gen(5))
+        loss = (w * g_out).sum() + (0 if quad is None else (quad * g_quad).sum())
+        gm, gr = torch.autograd.grad(loss, (mean, rho))
+
+        eps = standard_normal((n, *shape), torch.float64, torch.device("cpu"), _gen(5))
+        std2 = torch.nn.functional.softplus(rho)
+        w2 = mean + std2 * eps
+        assert torch.equal(w.detach(), w2.detach())  # same noise, same arithmetic
+        loss2 = (w2 * g_out).sum()
+        if lc is not None:
+            dims = tuple(range(1, w2.dim()))
+            quad2 = (w2 - lc).square().sum(dims)
+            torch.testing.assert_close(quad, quad2)
+            torch.testing.assert_close(sq, eps.square().sum(dims))
+            loss2 = loss2 + (quad2 * g_quad).sum()
+        gm2, gr2 = torch.autograd.grad(loss2, (mean, rho))
+        torch.testing.assert_close(gm, gm2)
+        torch.testing.assert_close(gr, gr2)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_no_grad_draw_equals_grad_draw():
+    mean, std = torch.randn(9, BLOCK // 4), torch.rand(9, BLOCK // 4)
+    with torch.no_grad():
+        a, _, _ = meanfield_draw(mean, std, None, 3, _gen(8))
+    b, _, _ = meanfield_draw(mean.requires_grad_(), std, None, 3, _gen(8))
+    assert torch.equal(a, b.detach())
+
+
+def test_bfloat16_and_empty():
+    mean = torch.randn(64, 33, dtype=torch.bfloat16, requires_grad=True)
+    w, quad, sq = meanfield_draw(mean, torch.full_like(mean, 0.1), 0.0, 3, _gen(0))
+    assert w.dtype == torch.bfloat16 and quad.shape == (3,)
+    (w.float().sum() + quad.float().sum()).backward()
+    assert torch.isfinite(mean.grad.float()).all()
+    e = torch.zeros(0, 4, requires_grad=True)
+    assert meanfield_draw(e, e.detach() + 1, 0.0, 2, None)[0].shape == (2, 0, 4)
+
+
+def test_pool_survives_thread_count_changes():
+    prev = torch.get_num_threads()
+    try:
+        for t in (2, 1, 2):
+            torch.set_num_threads(t)
+            assert _normal.run_parallel([lambda i=i: i * i for i in range(5)]) == [0, 1, 4, 9, 16]
+    finally:
+        torch.set_num_threads(prev)
