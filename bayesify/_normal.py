@@ -84,19 +84,31 @@ def scratch(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
 
 
 class Layout:
-    """How the noise of an ``(n, numel)`` tensor is cut into blocks.
+    """How the noise of ``n`` samples of a tensor (``numel`` elements each) is cut into blocks.
 
     Small tensors (``n * numel <= BLOCK``) are one block (index 0). Otherwise each
-    sample's row is cut into ``chunks`` column ranges of ``columns`` elements; block
-    ``(s, c)`` has index ``s * chunks + c``. Column ranges are the parallel tasks, so two
-    tasks never touch the same columns (no races when reducing over samples).
+    sample is cut into ``chunks`` column ranges of ``columns`` elements, a whole number
+    of the tensor's rows (``row`` elements: all but its first dim) so a block is also a
+    slice ``[r0:r1]`` of the tensor whatever its strides; block ``(s, c)`` has index
+    ``s * chunks + c``. Column ranges are the parallel tasks, so two tasks never touch
+    the same columns (no races when reducing over samples).
     """
 
-    def __init__(self, n: int, numel: int) -> None:
-        self.n, self.numel = n, numel
+    def __init__(self, n: int, numel: int, row: int = 1) -> None:
+        self.n, self.numel, self.row = n, numel, max(1, row)
         self.whole = n * numel <= BLOCK
-        self.columns = max(1, min(numel, BLOCK))
+        self.columns = min(max(numel, 1), self.row * max(1, BLOCK // self.row))
         self.chunks = 1 if self.whole else math.ceil(numel / self.columns)
+
+    @staticmethod
+    def of(n: int, shape: tuple[int, ...]) -> "Layout":
+        numel = math.prod(shape)
+        return Layout(n, numel, numel // shape[0] if shape and shape[0] else 1)
+
+    def rows(self, c: int) -> slice:
+        """Block column range ``c`` as a slice of the tensor's first dim."""
+        cols = self.cols(c)
+        return slice(cols.start // self.row, cols.stop // self.row)
 
     def cols(self, c: int) -> slice:
         if self.whole:
@@ -115,14 +127,15 @@ def _fill(out: Tensor, seed: int) -> Tensor:
     return out.normal_(generator=g)
 
 
-def fill(flat: Tensor, seed: int, per_block: Callable[[slice, slice, Tensor], Any] | None = None) -> list[Any]:
+def fill(flat: Tensor, seed: int, per_block: Callable[[slice, slice, Tensor], Any] | None = None,
+         lay: Layout | None = None) -> list[Any]:
     """Fill ``flat`` ``(n, numel)`` (contiguous) with N(0, 1) noise, block by block, in parallel.
 
     ``per_block(samples, cols, block)`` runs on each filled block (the view
     ``flat[samples, cols]``) while it is hot in cache; the results come back as a list
     of ``(samples, cols, result)``.
     """
-    lay = Layout(*flat.shape)
+    lay = Layout(*flat.shape) if lay is None else lay
     if lay.whole:
         _fill(flat, seed)
         everything = slice(0, lay.n)
@@ -160,7 +173,7 @@ def standard_normal(shape: Iterable[int], dtype: torch.dtype, device: torch.devi
     shape = tuple(shape)
     out = torch.empty(shape, dtype=dtype, device=device)
     if fast_path(out) and out.numel():
-        fill(out.view(shape[0], -1), draw_seed(generator))
+        fill(out.view(shape[0], -1), draw_seed(generator), lay=Layout.of(shape[0], shape[1:]))
         return out
     return out.normal_(generator=generator)
 
@@ -189,7 +202,7 @@ def meanfield_draw(mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int
     if not grad and loc is None:
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
         m, sd = mean.detach().reshape(-1), std.detach().reshape(-1)
-        fill(w.view(n, -1), seed, lambda _s, cols, b: b.mul_(sd[cols]).add_(m[cols]))
+        fill(w.view(n, -1), seed, lambda _s, cols, b: b.mul_(sd[cols]).add_(m[cols]), Layout.of(n, tuple(mean.shape)))
         return w, None, None
     w, quad, sq = _MeanFieldDraw.apply(mean, std, loc, n, seed)
     return (w, None, None) if loc is None else (w, quad, sq)
@@ -197,6 +210,13 @@ def meanfield_draw(mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int
 
 def _flat(t: Tensor | float | None, like: Tensor) -> Tensor | float | None:
     return t.reshape(-1) if isinstance(t, Tensor) else t
+
+
+def _into(t: Tensor, g: Tensor, samples: slice, cols: slice, lay: Layout, c: int, add: bool) -> None:
+    """``t (+)= g``'s block ``(samples, cols)``, read through its own strides (no full-size copy)."""
+    block = g[samples, cols] if lay.whole else g[samples, lay.rows(c)]
+    dst = t.view(block.shape)
+    dst.add_(block) if add else dst.copy_(block)
 
 
 class _MeanFieldDraw(torch.autograd.Function):
@@ -219,7 +239,7 @@ class _MeanFieldDraw(torch.autograd.Function):
 
         sq = w.new_zeros(n)
         quad = w.new_zeros(n)
-        for samples, _cols, (s_sq, s_quad) in fill(flat, seed, per_block):
+        for samples, _cols, (s_sq, s_quad) in fill(flat, seed, per_block, Layout.of(n, tuple(mean.shape))):
             sq[samples] += s_sq
             if s_quad is not None:
                 quad[samples] += s_quad
@@ -236,8 +256,10 @@ class _MeanFieldDraw(torch.autograd.Function):
         loc = _flat(loc_t, w) if loc_t is not None else ctx.loc
         n = w.shape[0]
         flat = w.view(n, -1)
-        lay = Layout(n, flat.shape[1])
-        g = None if gw is None else gw.reshape(n, -1)
+        lay = Layout.of(n, tuple(ctx.shape))
+        # The incoming gradient may be strided (F.linear's weight gradient under vmap is a
+        # transpose): blocks read it as row slices, never through a full-size copy.
+        g = None if gw is None else (gw.reshape(n, -1) if lay.whole else gw)
         gq2 = None if gquad is None or loc is None else (2 * gquad).view(n, 1)
         g_mean = w.new_empty(flat.shape[1])
         g_std = w.new_empty(flat.shape[1])
@@ -255,9 +277,9 @@ class _MeanFieldDraw(torch.autograd.Function):
                     torch.sub(flat[samples, cols], loc[cols] if isinstance(loc, Tensor) else loc, out=t)
                     t.mul_(gq2[samples])
                     if g is not None:
-                        t.add_(g[samples, cols])
+                        _into(t, g, samples, cols, lay, c, add=True)
                 elif g is not None:
-                    t.copy_(g[samples, cols])
+                    _into(t, g, samples, cols, lay, c, add=False)
                 else:
                     t.zero_()
                 gm.add_(t.sum(0) if k > 1 else t[0])

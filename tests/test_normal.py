@@ -106,3 +106,23 @@ def test_pool_survives_thread_count_changes():
             assert _normal.run_parallel([lambda i=i: i * i for i in range(5)]) == [0, 1, 4, 9, 16]
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("shape", [(BLOCK // 64 + 5, 96), (3, 40, 7, BLOCK // 256)])
+def test_strided_incoming_gradient(shape):
+    # F.linear's weight gradient under vmap arrives as a transpose; blocks read it by rows.
+    torch.manual_seed(1)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mean = torch.randn(shape, requires_grad=True)
+        std = torch.rand(shape).add_(0.1).requires_grad_()
+        g_out = torch.randn(2, *reversed(shape)).permute(0, *range(len(shape), 0, -1))
+        assert not g_out.is_contiguous()
+        w, _, _ = meanfield_draw(mean, std, None, 2, _gen(4))
+        gm, gs = torch.autograd.grad((w * g_out).sum(), (mean, std))
+        eps = standard_normal((2, *shape), torch.float32, torch.device("cpu"), _gen(4))
+        torch.testing.assert_close(gm, g_out.sum(0))
+        torch.testing.assert_close(gs, (g_out * eps).sum(0))
+    finally:
+        torch.set_num_threads(prev)
