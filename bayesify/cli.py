@@ -555,7 +555,13 @@ def _epochs(n_epochs: int, n: int, batch: int, seed: int, advance: Callable[[], 
 
 def demo_finetune(point: Any, x: Any, y: Any, epochs: int, samples: int, seed: int,
                   advance: Callable[[], None] = lambda: None) -> Any:
-    """The demo's recipe: ``bf.bayesify(point)`` and an ELBO fine-tune (one place to change it)."""
+    """The demo's recipe: ``bf.bayesify(point)`` and an ELBO fine-tune (one place to change it).
+
+    Deliberately not the docs/uncertainty.md recipe (pretrained-centred prior, separate
+    learning rates): that recipe was tuned on examples/digits.py's dropout-pretrained net;
+    on this small MLP it gave NLL 0.042 against the point model's 0.044 (seed 0), where
+    this setting gives 0.031, and its AUROC gains vanished.
+    """
     import torch
 
     import bayesify as bf
