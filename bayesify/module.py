@@ -125,9 +125,16 @@ class VIModule(nn.Module):
         """Weight samples by qualified name, and log prior / log q ``(n,)`` and analytic KL."""
         weights: dict[str, Tensor] = {}
         log_p = log_q = kl = None
+        tied = None
         for site in iter_sites(self):
             spec, mean = site.spec, site.mean
-            if site.estimator != "reparam" and not spec.variational.deterministic:
+            in_layer = site.estimator != "reparam"
+            if not in_layer and getattr(site.module, "_rows_sampled", None) is not None and site.name == "weight":
+                # An embedding draws only the rows it looks up, unless its table is tied to
+                # another module's weight (GPT-2's lm_head), which needs the whole draw.
+                tied = _tied_ids(self) if tied is None else tied
+                in_layer = id(mean) not in tied and site.module._rows_sampled()
+            if in_layer and not spec.variational.deterministic:
                 # Sampled inside the layer (local reparameterisation / Flipout): analytic KL.
                 if with_logp:
                     k = spec.variational.kl_to(spec.prior, mean, site.vparams(), site.pbuffers())
@@ -251,6 +258,17 @@ class VIModule(nn.Module):
 
 
 _VI_KEY = "bayesify.vi"
+
+
+def _tied_ids(root: nn.Module) -> set[int]:
+    """ids of parameters registered in more than one module slot (tied weights)."""
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for mod in root.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                (tied if id(p) in seen else seen).add(id(p))
+    return tied
 
 
 @contextmanager

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .module import VIModule, sampling_active
-from .priors import Prior, get_prior
+from .priors import Normal, Prior, get_prior
 from .sites import make_bayesian, remove_bayesian, validate_estimator
-from .variational import VariationalFamily, get_variational
+from .variational import MeanFieldNormal, VariationalFamily, get_variational
 
 __all__ = [
     "VILayer", "VILinear", "VIConv1d", "VIConv2d", "VIConv3d", "VIConvTranspose1d", "VIConvTranspose2d",
@@ -297,35 +297,45 @@ class VIEmbedding(VILayer, nn.Embedding):
     point_type = nn.Embedding
     __init__ = _layer(nn.Embedding)
 
+    def _rows_sampled(self) -> bool:
+        """True when, under sampling, this layer draws only the rows it looks up (any estimator).
+
+        Needs the default pair (MeanFieldNormal posterior, Normal prior: elementwise std and a
+        closed-form KL, which replaces the table's share of ``log_probs``) and a plain lookup.
+        The sampler still draws the whole table where the weight is tied to another module.
+        """
+        spec = getattr(self, "_vi_sites", {}).get("weight")
+        return (spec is not None and type(spec.variational) is MeanFieldNormal and type(spec.prior) is Normal
+                and self.max_norm is None and not self.scale_grad_by_freq and not self.sparse)
+
     def forward(self, input: Tensor) -> Tensor:
-        if sampling_active() and self.estimator == "reparam" and self.max_norm is None \
-                and not self.scale_grad_by_freq and not self.sparse:
-            return self._lookup(input, self.weight)
-        mu = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
-                         self.scale_grad_by_freq, self.sparse)
-        if not self._own_noise():
-            return mu
-        # A lookup is a one-hot matmul, so "local" and "flipout" both mean: gather the looked-up
-        # rows of the mean and of the variational parameters, and draw independent noise per
-        # looked-up row. Never materialises a (samples, vocab, dim) tensor.
+        weight = self._parameters["weight"]
+        if not sampling_active():
+            return super().forward(input)
+        if not isinstance(weight, nn.Parameter):  # the sampler substituted a whole sampled table
+            if self.max_norm is None and not self.scale_grad_by_freq and not self.sparse:
+                return self._lookup(input, weight)
+            return super().forward(input)
         spec = getattr(self, "_vi_sites", {}).get("weight")
         if spec is None or spec.variational.deterministic:
-            return mu
+            return super().forward(input)
+        # Draw only the looked-up rows: one draw per distinct row per weight sample (the
+        # same row wherever a token repeats, as with a sampled table), never a
+        # (samples, vocab, dim) tensor. vmap(randomness="different") makes randn_like
+        # independent across samples.
+        uniq, inv = torch.unique(input, return_inverse=True)
         vparams = {k: getattr(self, f"weight_{k}") for k in spec.vkeys}
-        if all(v.shape == self.weight.shape for v in vparams.values()):
-            rows = {k: F.embedding(input, v, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
-                    for k, v in vparams.items()}
-            std = spec.variational.std(mu, rows)
-        else:  # parameters not laid out like the table: take the std of the whole table
-            std = F.embedding(input, spec.variational.std(self.weight, vparams), self.padding_idx)
-        return mu + std * torch.randn_like(mu)
+        mean_rows = weight.index_select(0, uniq)
+        std = spec.variational.std(mean_rows, {k: v.index_select(0, uniq) for k, v in vparams.items()})
+        rows = mean_rows + std * torch.randn_like(mean_rows)
+        return self._lookup(inv, rows, pad=input)
 
-    def _lookup(self, input: Tensor, weight: Tensor) -> Tensor:
+    def _lookup(self, input: Tensor, weight: Tensor, pad: Tensor | None = None) -> Tensor:
         # F.embedding under vmap with per-sample tables copies the whole (samples, vocab, dim)
         # tensor into another layout first; index_select batches without that copy.
         out = weight.index_select(0, input.reshape(-1)).view(*input.shape, weight.shape[-1])
         if self.padding_idx is not None:  # F.embedding's rule: no gradient for the padding row
-            pad = (input == self.padding_idx).unsqueeze(-1)
+            pad = ((input if pad is None else pad) == self.padding_idx).unsqueeze(-1)
             out = torch.where(pad, out.detach(), out)
         return out
 

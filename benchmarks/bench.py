@@ -221,6 +221,13 @@ def _bayesify(estimator: str | None) -> Callable[[nn.Module], nn.Module]:
     return convert
 
 
+def _bayesify_compiled(model: nn.Module) -> nn.Module:
+    """The default conversion under ``torch.compile`` (inductor); compilation happens in the warm-up."""
+    import bayesify as bf
+
+    return torch.compile(bf.bayesify(model))
+
+
 def _bayesify_local_embeddings(model: nn.Module) -> nn.Module:
     """The default estimator, except "local" for the embedding tables (a gather of the looked-up rows)."""
     import bayesify as bf
@@ -262,6 +269,8 @@ CONTENDERS = [
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),
     Contender("bayesify flipout", _bayesify("flipout"), BayesifyRunner, "estimator='flipout'"),
+    Contender("bayesify, torch.compile", _bayesify_compiled, BayesifyRunner,
+              "torch.compile(bf.bayesify(model)), inductor (compiled during the warm-up)", ("mlp",)),
     Contender("bayesify, local emb.", _bayesify_local_embeddings, BayesifyRunner,
               "default estimator, 'local' for nn.Embedding layers", ("minilm",)),
     Contender("torch_blue", _torch_blue, TorchBlueRunner, "convert_to_vimodule(keep_weights=True), samples=10"),

@@ -234,7 +234,7 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("estimator", ["local", "flipout"])
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
 def test_embedding_never_materialises_per_sample_tables(estimator):
     vocab, dim, samples = 5000, 16, 8
     emb = bf.nn.VIEmbedding(vocab, dim, estimator=estimator).train()
@@ -248,13 +248,51 @@ def test_embedding_never_materialises_per_sample_tables(estimator):
     assert emb.weight_rho.grad is not None and torch.isfinite(emb.weight_rho.grad).all()
 
 
-def test_embedding_reparam_does_materialise():
-    # The watch above can see a (samples, vocab, dim) tensor when there is one.
+def test_embedding_whole_table_draw_is_visible_to_the_watch():
+    # The watch above can see a (samples, vocab, dim) tensor when there is one: a prior
+    # without the closed-form shortcut makes the sampler draw the whole table.
     vocab, dim, samples = 500, 4, 3
-    emb = bf.nn.VIEmbedding(vocab, dim).train()
+    emb = bf.nn.VIEmbedding(vocab, dim, prior=bf.priors.Laplace(0.0, 1.0)).train()
     with _LargestTensor() as watch:
         emb(_tokens(2, 3, high=vocab), samples=samples)
     assert watch.largest >= samples * vocab * dim
+
+
+def test_embedding_rows_are_per_sample_weights(monkeypatch):
+    # Drawing only the looked-up rows is the same model as drawing the table: a repeated
+    # token gets the same row within a sample, and every output has the moments of the
+    # whole-table draw (forced here by switching the row path off).
+    layer = _layer(bf.nn.VIEmbedding, (12, 4), {"padding_idx": 0}, "reparam")
+    x = torch.tensor([[1, 2, 1], [0, 11, 3]])
+    out = layer(x, samples=50)
+    assert torch.equal(out[:, 0, 0], out[:, 0, 2]) and not torch.equal(out[0, 0, 0], out[1, 0, 0])
+    rows = _moments(layer, x, seed=1)
+    monkeypatch.setattr(bf.nn.VIEmbedding, "_rows_sampled", lambda self: False)
+    whole = _moments(layer, x, seed=2)
+    _assert_same_moments(*rows, *whole)
+
+
+def test_embedding_rows_use_the_analytic_kl_and_tied_tables_are_drawn_whole():
+    emb = bf.nn.VIEmbedding(30, 4).train()
+    out = emb(torch.tensor([[1, 2]]), samples=3)
+    assert torch.equal(out.log_probs, torch.zeros(3, 2))  # nothing drawn by the sampler
+    torch.testing.assert_close(out.kl_analytic, emb.kl_divergence())
+    # Tied to a linear head (GPT-2 style): the head needs the whole table, so it is drawn.
+    model = bf.bayesify(_TiedLM())
+    out = model(torch.tensor([[1, 2, 3]]), samples=4)
+    assert out.log_probs.abs().sum() > 0
+    assert out.shape == (4, 1, 3, 30)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 4)
+        self.head = nn.Linear(4, 30, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
 
 
 # --- torch.compile ----------------------------------------------------------------------------
