@@ -32,7 +32,9 @@ __all__ = ["BLOCK", "Layout", "draw_seed", "fill", "regenerate", "run_parallel",
 #: Elements per block: large enough that Python overhead is negligible, small enough to
 #: stay in cache for the fused work done on each block.
 BLOCK = 1 << 18
-_MASK = (1 << 32) - 1  # torch's CPU generator (mt19937) seeds from the low 32 bits
+_MASK = (1 << 32) - 1
+#: Backward recovers eps = (w - mean) / std instead of regenerating it where std >= this * |mean|.
+RECOVER_RATIO = 1e-4  # torch's CPU generator (mt19937) seeds from the low 32 bits
 
 _POOL: dict[str, Any] = {"pid": None, "pool": None, "size": 0}
 _LOCAL = threading.local()
@@ -243,7 +245,13 @@ class _MeanFieldDraw(torch.autograd.Function):
             sq[samples] += s_sq
             if s_quad is not None:
                 quad[samples] += s_quad
-        ctx.save_for_backward(w, loc if isinstance(loc, Tensor) else None)
+        # Backward needs eps again. Where every std is at least RECOVER_RATIO * |mean| (float32 /
+        # float64), eps = (w - mean) / std is recovered to ~6e-8 * |w| / std <= 6e-4 relative
+        # (in float32; the subtraction is exact); else the blocks are regenerated from their seeds.
+        recover = (mean.dtype in (torch.float32, torch.float64)
+                   and bool((sd >= RECOVER_RATIO * m.abs()).all()))
+        ctx.save_for_backward(w, loc if isinstance(loc, Tensor) else None,
+                              mean if recover else None, std if recover else None)
         ctx.loc, ctx.seed, ctx.shape = (None if isinstance(loc, Tensor) else loc), seed, mean.shape
         ctx.mark_non_differentiable(sq)
         return w, quad, sq
@@ -252,7 +260,9 @@ class _MeanFieldDraw(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gw: Tensor | None, gquad: Tensor | None, _gsq: Tensor | None
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        w, loc_t = ctx.saved_tensors
+        w, loc_t, mean_t, std_t = ctx.saved_tensors
+        m = None if mean_t is None else mean_t.reshape(-1)
+        sd = None if std_t is None else std_t.reshape(-1)
         loc = _flat(loc_t, w) if loc_t is not None else ctx.loc
         n = w.shape[0]
         flat = w.view(n, -1)
@@ -271,7 +281,11 @@ class _MeanFieldDraw(torch.autograd.Function):
             for i, samples in enumerate(rows):
                 k = samples.stop - samples.start
                 size = k * (cols.stop - cols.start)
-                eps = regenerate(lay, ctx.seed, i, c, scratch(size, w.dtype, 0)).view(k, -1)
+                eps = scratch(size, w.dtype, 0).view(k, -1)
+                if m is None:
+                    regenerate(lay, ctx.seed, i, c, eps)
+                else:  # recovered from the sample (see forward)
+                    torch.sub(flat[samples, cols], m[cols], out=eps).div_(sd[cols])
                 t = scratch(size, w.dtype, 1).view(k, -1)
                 if gq2 is not None:
                     torch.sub(flat[samples, cols], loc[cols] if isinstance(loc, Tensor) else loc, out=t)

@@ -120,6 +120,9 @@ class VIModule(nn.Module):
         return torch.stack(kls).sum() if kls else torch.zeros(())
 
     # -- sampling --------------------------------------------------------------------------
+    # Eager under torch.compile: one draw per tensor through the threaded noise kernel; tracing
+    # it would only recompile per tensor shape. The model's own forward is what compiles.
+    @torch.compiler.disable
     def _draw(self, n: int, generator: torch.Generator | None, with_logp: bool
               ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
         """Weight samples by qualified name, and log prior / log q ``(n,)`` and analytic KL."""

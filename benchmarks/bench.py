@@ -172,6 +172,53 @@ class PointRunner(Runner):
         return F.cross_entropy(self.model(*self.args), self.y)
 
 
+class NoiseFloorRunner(PointRunner):
+    """Reference, not a library: the point model on 10 x B plus ``torch.randn`` for 10 samples of
+    every weight that a per-sample-weight sampler draws (what one pass of PyTorch's CPU
+    generator over the weight noise costs; embeddings excluded, as bayesify draws only their
+    looked-up rows)."""
+
+    def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
+        super().__init__(model, args, y)
+        self.numel = sum(p.numel() for m in model.modules() if not isinstance(m, nn.Embedding)
+                         for p in m.parameters(recurse=False) if not isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    def forward(self) -> Any:
+        torch.randn(SAMPLES * self.numel)
+        return super().forward()
+
+    def loss(self) -> torch.Tensor:
+        torch.randn(SAMPLES * self.numel)
+        return super().loss()
+
+
+class _Twice(nn.Module):
+    """A linear / conv layer that also computes the variance path of local reparameterisation
+    (the layer's op on ``x * x`` with squared weights) and adds it times zero."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layer
+        w2 = lay.weight * lay.weight
+        if isinstance(lay, nn.Linear):
+            var = F.linear(x * x, w2)
+        else:
+            var = lay._conv_forward(x * x, w2, None)
+        return lay(x) + 0.0 * var
+
+
+def _twice(model: nn.Module) -> nn.Module:
+    m = copy.deepcopy(model)
+    for parent in list(m.modules()):
+        for key, child in list(parent._modules.items()):
+            if type(child) in (nn.Linear, nn.Conv2d):
+                parent._modules[key] = _Twice(child)
+    return m
+
+
 class BayesifyRunner(Runner):
     def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
         import bayesify as bf
@@ -266,6 +313,10 @@ class Contender:
 
 CONTENDERS = [
     Contender("point (10xB)", copy.deepcopy, PointRunner, "the floor: the point model on the 10 x B batch"),
+    Contender("ref: point + weight noise", copy.deepcopy, NoiseFloorRunner,
+              "reference: the point model on 10xB plus torch.randn for 10 samples of every non-embedding weight"),
+    Contender("ref: point, layers twice", _twice, PointRunner,
+              "reference: the point model on 10xB with every Linear/Conv2d also run on x*x (local/flipout arithmetic)"),
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),
     Contender("bayesify flipout", _bayesify("flipout"), BayesifyRunner, "estimator='flipout'"),

@@ -45,13 +45,19 @@ def test_noise_does_not_depend_on_the_thread_count():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("loc", ["tensor", 0.25, None])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_regenerating_backward_equals_autograd(shape, loc, threads):
+@pytest.mark.parametrize("path", ["recover", "regenerate"])
+def test_backward_equals_autograd(shape, loc, threads, path):
+    # "recover": every std >= RECOVER_RATIO * |mean|, backward recomputes eps from the sample;
+    # "regenerate": one tiny std, backward redraws eps from the block seeds.
     torch.manual_seed(0)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         mean = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-        rho = torch.randn(shape, dtype=torch.float64).sub_(2).requires_grad_()
+        rho = torch.randn(shape, dtype=torch.float64).sub_(2)
+        if path == "regenerate":
+            rho.view(-1)[-1] = -30.0  # std ~ 1e-13
+        rho.requires_grad_()
         lc = torch.randn(shape, dtype=torch.float64) if loc == "tensor" else loc
         n = 4
         g_out = torch.randn(n, *shape, dtype=torch.float64)
@@ -124,5 +130,23 @@ def test_strided_incoming_gradient(shape):
         eps = standard_normal((2, *shape), torch.float32, torch.device("cpu"), _gen(4))
         torch.testing.assert_close(gm, g_out.sum(0))
         torch.testing.assert_close(gs, (g_out * eps).sum(0))
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_recovered_eps_is_accurate_in_float32():
+    # The recover path's error bound: ~6e-8 * |w| / std relative, here std = 1e-3 |mean|.
+    torch.manual_seed(2)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mean = (torch.randn(300, 900) * 3).requires_grad_()
+        std = (mean.detach().abs() * 1e-3).clamp_min(1e-3).requires_grad_()
+        g_out = torch.randn(3, 300, 900)
+        w, _, _ = meanfield_draw(mean, std, None, 3, _gen(9))
+        _, gs = torch.autograd.grad((w * g_out).sum(), (mean, std))
+        eps = standard_normal((3, 300, 900), torch.float32, torch.device("cpu"), _gen(9))
+        ref = (g_out.double() * eps.double()).sum(0)
+        assert ((gs.double() - ref).abs() <= 1e-3 * (g_out.abs().sum(0).double() + 1e-6)).all()
     finally:
         torch.set_num_threads(prev)
