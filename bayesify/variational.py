@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, distributions as D
 
 from ._choices import lookup, parse_shortcut
-from ._normal import meanfield_draw, standard_normal
+from ._normal import BLOCK, meanfield_draw, run_parallel, scratch, standard_normal
 
 __all__ = ["VariationalFamily", "MeanFieldNormal", "PointMass", "get_variational", "VARIATIONAL"]
 
@@ -42,6 +42,24 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 def inverse_softplus(x: Tensor) -> Tensor:
     """``rho`` such that ``softplus(rho) == x`` (stable for tiny and large ``x``)."""
     return torch.where(x > 20, x, torch.log(torch.expm1(x.clamp_min(1e-30))))
+
+
+def _relative_rho(p: Tensor, init_std: float, min_std: float) -> Tensor:
+    """``inverse_softplus(max(init_std * |p|, min_std))`` in cache-sized chunks written in place
+    (the unchunked chain makes six full-size temporaries: most of a conversion's time)."""
+    rho = torch.empty_like(p)
+    src, dst = p.reshape(-1), rho.view(-1)
+
+    def chunk(c: slice) -> None:
+        o = dst[c]
+        torch.abs(src[c], out=o).mul_(init_std).clamp_min_(min_std)
+        tmp = scratch(o.numel(), o.dtype, 2)
+        torch.expm1(o, out=tmp).log_()
+        torch.where(o > 20, o, tmp, out=o)
+
+    step = BLOCK
+    run_parallel([lambda c=slice(i, i + step): chunk(c) for i in range(0, src.numel(), step)])
+    return rho
 
 
 class VariationalFamily:
@@ -125,6 +143,8 @@ class MeanFieldNormal(VariationalFamily):
             # One scalar, one fill: conversion of large models stays close to a memcpy.
             rho0 = float(inverse_softplus(torch.tensor(self.init_std, dtype=torch.float64)))
             return {"rho": torch.full_like(p, rho0)}
+        if p.dtype in (torch.float32, torch.float64) and p.device.type == "cpu" and p.is_contiguous():
+            return {"rho": _relative_rho(p, self.init_std, self.min_std)}
         # Compute in float32 at least: bfloat16 cannot represent log(expm1(1e-3)) well.
         std = p.abs().float().mul_(self.init_std).clamp_min_(self.min_std)
         return {"rho": inverse_softplus(std).to(p.dtype)}
