@@ -275,17 +275,6 @@ def _bayesify_compiled(model: nn.Module) -> nn.Module:
     return torch.compile(bf.bayesify(model))
 
 
-def _bayesify_local_embeddings(model: nn.Module) -> nn.Module:
-    """The default estimator, except "local" for the embedding tables (a gather of the looked-up rows)."""
-    import bayesify as bf
-
-    bnn = bf.bayesify(model)
-    for m in bnn.modules():
-        if isinstance(m, bf.nn.VIEmbedding):
-            m.estimator = "local"
-    return bnn
-
-
 def _torch_blue(model: nn.Module) -> nn.Module:
     from torch_blue import vi
 
@@ -322,8 +311,6 @@ CONTENDERS = [
     Contender("bayesify flipout", _bayesify("flipout"), BayesifyRunner, "estimator='flipout'"),
     Contender("bayesify, torch.compile", _bayesify_compiled, BayesifyRunner,
               "torch.compile(bf.bayesify(model)), inductor (compiled during the warm-up)", ("mlp",)),
-    Contender("bayesify, local emb.", _bayesify_local_embeddings, BayesifyRunner,
-              "default estimator, 'local' for nn.Embedding layers", ("minilm",)),
     Contender("torch_blue", _torch_blue, TorchBlueRunner, "convert_to_vimodule(keep_weights=True), samples=10"),
     Contender("bayesian-torch", _bayesian_torch, BayesianTorchRunner,
               "dnn_to_bnn with MOPED, a loop of 10 forwards"),
