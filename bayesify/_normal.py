@@ -86,26 +86,27 @@ def scratch(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
 
 
 class Layout:
-    """How the noise of ``n`` samples of a tensor (``numel`` elements each) is cut into blocks.
+    """How the noise of samples ``offset .. offset + n`` of a tensor (``numel`` elements each)
+    is cut into blocks.
 
-    Small tensors (``n * numel <= BLOCK``) are one block (index 0). Otherwise each
-    sample is cut into ``chunks`` column ranges of ``columns`` elements, a whole number
-    of the tensor's rows (``row`` elements: all but its first dim) so a block is also a
-    slice ``[r0:r1]`` of the tensor whatever its strides; block ``(s, c)`` has index
-    ``s * chunks + c``. Column ranges are the parallel tasks, so two tasks never touch
-    the same columns (no races when reducing over samples).
+    Each sample is cut into ``chunks`` column ranges of ``columns`` elements, a whole
+    number of the tensor's rows (``row`` elements: all but its first dim) so a block is
+    also a slice ``[r0:r1]`` of the tensor whatever its strides. Block ``(s, c)`` of
+    global sample ``s`` has index ``s * chunks + c``: it does not depend on how many
+    samples are drawn at once, so drawing samples in chunks gives the same noise.
+    Column ranges are the parallel tasks, so two tasks never touch the same columns
+    (no races when reducing over samples).
     """
 
-    def __init__(self, n: int, numel: int, row: int = 1) -> None:
-        self.n, self.numel, self.row = n, numel, max(1, row)
-        self.whole = n * numel <= BLOCK
+    def __init__(self, n: int, numel: int, row: int = 1, offset: int = 0) -> None:
+        self.n, self.numel, self.row, self.offset = n, numel, max(1, row), offset
         self.columns = min(max(numel, 1), self.row * max(1, BLOCK // self.row))
-        self.chunks = 1 if self.whole else math.ceil(numel / self.columns)
+        self.chunks = max(1, math.ceil(numel / self.columns))
 
     @staticmethod
-    def of(n: int, shape: tuple[int, ...]) -> "Layout":
+    def of(n: int, shape: tuple[int, ...], offset: int = 0) -> "Layout":
         numel = math.prod(shape)
-        return Layout(n, numel, numel // shape[0] if shape and shape[0] else 1)
+        return Layout(n, numel, numel // shape[0] if shape and shape[0] else 1, offset)
 
     def rows(self, c: int) -> slice:
         """Block column range ``c`` as a slice of the tensor's first dim."""
@@ -113,14 +114,11 @@ class Layout:
         return slice(cols.start // self.row, cols.stop // self.row)
 
     def cols(self, c: int) -> slice:
-        if self.whole:
-            return slice(0, self.numel)
         return slice(c * self.columns, min((c + 1) * self.columns, self.numel))
 
-    @property
-    def count(self) -> int:
-        """Number of seeds this tensor uses."""
-        return 1 if self.whole else self.n * self.chunks
+    def index(self, s: int, c: int) -> int:
+        """Seed offset of block ``(s, c)``, ``s`` counted from this draw's first sample."""
+        return (self.offset + s) * self.chunks + c
 
 
 def _fill(out: Tensor, seed: int) -> Tensor:
@@ -133,22 +131,18 @@ def fill(flat: Tensor, seed: int, per_block: Callable[[slice, slice, Tensor], An
          lay: Layout | None = None) -> list[Any]:
     """Fill ``flat`` ``(n, numel)`` (contiguous) with N(0, 1) noise, block by block, in parallel.
 
-    ``per_block(samples, cols, block)`` runs on each filled block (the view
-    ``flat[samples, cols]``) while it is hot in cache; the results come back as a list
-    of ``(samples, cols, result)``.
+    ``per_block(samples, cols, block)`` runs on each filled block (the ``(1, cols)`` view
+    ``flat[samples, cols]``) while it is hot in cache; the results come back as a list of
+    ``(samples, cols, result)``.
     """
     lay = Layout(*flat.shape) if lay is None else lay
-    if lay.whole:
-        _fill(flat, seed)
-        everything = slice(0, lay.n)
-        return [(everything, lay.cols(0), per_block(everything, lay.cols(0), flat) if per_block else None)]
 
     def task(c: int) -> list[Any]:
         cols = lay.cols(c)
         res = []
         for s in range(lay.n):
             block = flat[s, cols]
-            _fill(block, seed + s * lay.chunks + c)
+            _fill(block, seed + lay.index(s, c))
             one = slice(s, s + 1)
             res.append((one, cols, per_block(one, cols, block.unsqueeze(0)) if per_block else None))
         return res
@@ -157,8 +151,8 @@ def fill(flat: Tensor, seed: int, per_block: Callable[[slice, slice, Tensor], An
 
 
 def regenerate(lay: Layout, seed: int, s: int, c: int, out: Tensor) -> Tensor:
-    """The noise of block ``(s, c)`` (``c`` only for a whole-tensor layout) again, bit for bit."""
-    return _fill(out, seed if lay.whole else seed + s * lay.chunks + c)
+    """The noise of block ``(s, c)`` again, bit for bit."""
+    return _fill(out, seed + lay.index(s, c))
 
 
 def fast_path(t: Tensor) -> bool:
@@ -170,12 +164,14 @@ def fast_path(t: Tensor) -> bool:
 
 @torch.compiler.disable  # eager under torch.compile too: the same noise as without it
 def standard_normal(shape: Iterable[int], dtype: torch.dtype, device: torch.device,
-                    generator: torch.Generator | None) -> Tensor:
-    """``(n, *shape)`` N(0, 1) noise, reproducible from ``generator`` (one seed drawn from it)."""
+                    generator: torch.Generator | None, seed: int | None = None, offset: int = 0) -> Tensor:
+    """``(n, *shape)`` N(0, 1) noise, reproducible from ``generator`` (one seed drawn from it),
+    or samples ``offset .. offset + n`` of the noise of ``seed``."""
     shape = tuple(shape)
     out = torch.empty(shape, dtype=dtype, device=device)
     if fast_path(out) and out.numel():
-        fill(out.view(shape[0], -1), draw_seed(generator), lay=Layout.of(shape[0], shape[1:]))
+        seed = draw_seed(generator) if seed is None else seed
+        fill(out.view(shape[0], -1), seed, lay=Layout.of(shape[0], shape[1:], offset))
         return out
     return out.normal_(generator=generator)
 
@@ -185,7 +181,8 @@ def standard_normal(shape: Iterable[int], dtype: torch.dtype, device: torch.devi
 
 @torch.compiler.disable  # eager under torch.compile too: the same noise as without it
 def meanfield_draw(mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int,
-                   generator: torch.Generator | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                   generator: torch.Generator | None, seed: int | None = None, offset: int = 0
+                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``n`` samples ``w = mean + std * eps`` with, when ``loc`` is given, per-sample
     ``quad = sum((w - loc)**2)`` and ``sq = sum(eps**2)`` (the Normal log densities' data terms).
 
@@ -199,14 +196,15 @@ def meanfield_draw(mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int
             return w, None, None
         dims = tuple(range(1, w.dim()))
         return w, (w - loc).square().sum(dims), eps.square().sum(dims)
-    seed = draw_seed(generator)
+    seed = draw_seed(generator) if seed is None else seed
+    lay = Layout.of(n, tuple(mean.shape), offset)
     grad = torch.is_grad_enabled() and (mean.requires_grad or std.requires_grad)
     if not grad and loc is None:
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
         m, sd = mean.detach().reshape(-1), std.detach().reshape(-1)
-        fill(w.view(n, -1), seed, lambda _s, cols, b: b.mul_(sd[cols]).add_(m[cols]), Layout.of(n, tuple(mean.shape)))
+        fill(w.view(n, -1), seed, lambda _s, cols, b: b.mul_(sd[cols]).add_(m[cols]), lay)
         return w, None, None
-    w, quad, sq = _MeanFieldDraw.apply(mean, std, loc, n, seed)
+    w, quad, sq = _MeanFieldDraw.apply(mean, std, loc, lay, seed)
     return (w, None, None) if loc is None else (w, quad, sq)
 
 
@@ -216,15 +214,16 @@ def _flat(t: Tensor | float | None, like: Tensor) -> Tensor | float | None:
 
 def _into(t: Tensor, g: Tensor, samples: slice, cols: slice, lay: Layout, c: int, add: bool) -> None:
     """``t (+)= g``'s block ``(samples, cols)``, read through its own strides (no full-size copy)."""
-    block = g[samples, cols] if lay.whole else g[samples, lay.rows(c)]
+    block = g[samples, lay.rows(c)]
     dst = t.view(block.shape)
     dst.add_(block) if add else dst.copy_(block)
 
 
 class _MeanFieldDraw(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int, seed: int
+    def forward(ctx: Any, mean: Tensor, std: Tensor, loc: Tensor | float | None, lay: Layout, seed: int
                 ) -> tuple[Tensor, Tensor, Tensor]:
+        n = lay.n
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
         flat = w.view(n, -1)
         m, sd = mean.reshape(-1), std.reshape(-1)
@@ -241,7 +240,7 @@ class _MeanFieldDraw(torch.autograd.Function):
 
         sq = w.new_zeros(n)
         quad = w.new_zeros(n)
-        for samples, _cols, (s_sq, s_quad) in fill(flat, seed, per_block, Layout.of(n, tuple(mean.shape))):
+        for samples, _cols, (s_sq, s_quad) in fill(flat, seed, per_block, lay):
             sq[samples] += s_sq
             if s_quad is not None:
                 quad[samples] += s_quad
@@ -252,7 +251,7 @@ class _MeanFieldDraw(torch.autograd.Function):
                    and bool((sd >= RECOVER_RATIO * m.abs()).all()))
         ctx.save_for_backward(w, loc if isinstance(loc, Tensor) else None,
                               mean if recover else None, std if recover else None)
-        ctx.loc, ctx.seed, ctx.shape = (None if isinstance(loc, Tensor) else loc), seed, mean.shape
+        ctx.loc, ctx.seed, ctx.shape, ctx.lay = (None if isinstance(loc, Tensor) else loc), seed, mean.shape, lay
         ctx.mark_non_differentiable(sq)
         return w, quad, sq
 
@@ -266,10 +265,10 @@ class _MeanFieldDraw(torch.autograd.Function):
         loc = _flat(loc_t, w) if loc_t is not None else ctx.loc
         n = w.shape[0]
         flat = w.view(n, -1)
-        lay = Layout.of(n, tuple(ctx.shape))
+        lay = ctx.lay
         # The incoming gradient may be strided (F.linear's weight gradient under vmap is a
         # transpose): blocks read it as row slices, never through a full-size copy.
-        g = None if gw is None else (gw.reshape(n, -1) if lay.whole else gw)
+        g = gw if gw is None or gw.dim() > 1 else gw.view(n, 1)  # a 0-d tensor's samples
         gq2 = None if gquad is None or loc is None else (2 * gquad).view(n, 1)
         g_mean = w.new_empty(flat.shape[1])
         g_std = w.new_empty(flat.shape[1])
@@ -277,9 +276,8 @@ class _MeanFieldDraw(torch.autograd.Function):
         def task(c: int) -> None:
             cols = lay.cols(c)
             gm, gs = g_mean[cols].zero_(), g_std[cols].zero_()
-            rows = [slice(0, n)] if lay.whole else [slice(s, s + 1) for s in range(n)]
-            for i, samples in enumerate(rows):
-                k = samples.stop - samples.start
+            for i in range(n):
+                samples, k = slice(i, i + 1), 1
                 size = k * (cols.stop - cols.start)
                 eps = scratch(size, w.dtype, 0).view(k, -1)
                 if m is None:
@@ -296,9 +294,9 @@ class _MeanFieldDraw(torch.autograd.Function):
                     _into(t, g, samples, cols, lay, c, add=False)
                 else:
                     t.zero_()
-                gm.add_(t.sum(0) if k > 1 else t[0])
+                gm.add_(t[0])
                 t.mul_(eps)
-                gs.add_(t.sum(0) if k > 1 else t[0])
+                gs.add_(t[0])
 
         run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])
         return g_mean.view(ctx.shape), g_std.view(ctx.shape), None, None, None

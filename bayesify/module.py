@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._normal import draw_seed
 from .sites import Site, analytic_kl, iter_sites
 
 __all__ = ["VIModule", "sampling_active", "vi_attributes", "DEFAULT_SAMPLES"]
@@ -123,9 +124,16 @@ class VIModule(nn.Module):
     # Eager under torch.compile: one draw per tensor through the threaded noise kernel; tracing
     # it would only recompile per tensor shape. The model's own forward is what compiles.
     @torch.compiler.disable
-    def _draw(self, n: int, generator: torch.Generator | None, with_logp: bool
+    def _draw(self, n: int, generator: torch.Generator | None, with_logp: bool,
+              seeds: dict[str, int] | None = None, offset: int = 0
               ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-        """Weight samples by qualified name, and log prior / log q ``(n,)`` and analytic KL."""
+        """Weight samples by qualified name, and log prior / log q ``(n,)`` and analytic KL.
+
+        ``seeds`` (filled on first use, one draw from ``generator`` per sampled tensor) and
+        ``offset`` select samples ``offset .. offset + n`` of one call's noise, for families
+        that draw block-seeded noise (``chunked_draws``); others draw afresh from ``generator``.
+        """
+        seeds = {} if seeds is None else seeds
         weights: dict[str, Tensor] = {}
         log_p = log_q = kl = None
         tied = None
@@ -149,8 +157,13 @@ class VIModule(nn.Module):
                     lp = spec.prior.log_prob(mean, site.pbuffers()).sum().expand(n)
                     log_p = lp if log_p is None else log_p + lp
                 continue
+            extra = {}
+            if spec.variational.chunked_draws:
+                if site.qualname not in seeds:
+                    seeds[site.qualname] = draw_seed(generator)
+                extra = {"seed": seeds[site.qualname], "offset": offset}
             w, lp, lq = spec.variational.sample_with_prior(mean, site.vparams(), spec.prior, site.pbuffers(),
-                                                           n, generator, with_logp)
+                                                           n, generator, with_logp, **extra)
             weights[site.qualname] = w
             if with_logp:
                 log_p = lp if log_p is None else log_p + lp
@@ -193,61 +206,47 @@ class VIModule(nn.Module):
     def _sampled_call(self, args: tuple, kwargs: dict, n: int, generator: torch.Generator | None,
                       chunk_size: int | None) -> Any:
         with_logp = self.training
-        weights, log_p, log_q, kl = self._draw(n, generator, with_logp)
-        bn_batched, writeback = self._batchnorm_state(n)
-        batched = {**weights, **bn_batched}
-
+        seeds: dict[str, int] = {}
         structure: dict[str, Any] = {}
-
-        locations = self._locations(weights, writeback)
-
-        def one(sample_tensors: dict[str, Tensor], _index: Tensor | None = None) -> list[Tensor]:
-            with _swapped(locations, sample_tensors):
-                out = self(*args, **kwargs)
-            leaves, spec = tree_flatten(out)
-            structure["spec"] = spec
-            structure["static"] = [(i, x) for i, x in enumerate(leaves) if not isinstance(x, Tensor)]
-            return [x for x in leaves if isinstance(x, Tensor)]
-
+        # chunk_size: the weights are drawn chunk by chunk too, so memory holds at most
+        # chunk_size weight samples (where nothing keeps them for backward). On CPU the
+        # block-seeded noise makes a chunked call draw exactly the unchunked call's weights.
+        step = n if chunk_size is None else min(chunk_size, n)
+        starts = list(range(0, n, step))
+        weights, log_p, log_q, kl = self._draw(min(step, n), generator, with_logp, seeds, 0)
         # In-forward randomness (dropout, local reparameterisation) follows the explicit
         # generator when one is given, and the global RNG otherwise.
         rng = nullcontext()
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             rng = _seeded(seed)
+        parts: list[list[Tensor]] = []
+        lps, lqs = [log_p], [log_q]
+        bn_sum: dict[int, tuple[nn.Module, str, Tensor]] = {}
         with _active(), rng:
-            tensors = None
-            if self._vmap_failure is None:
-                try:
-                    # The sample index gives vmap a batched input even when no weight is sampled.
-                    index = torch.arange(n)
-                    tensors = torch.vmap(one, randomness="different", chunk_size=chunk_size)(batched, index)
-                except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
-                    reason = _vmap_reason(exc)
-                    if reason is None:
-                        raise
-                    self._vmap_failure = reason
-                    bn_batched, writeback = self._batchnorm_state(n)  # discard partial updates
-                    batched = {**weights, **bn_batched}
-            if tensors is None:
-                warnings.warn(
-                    f"{type(self).__name__}: torch.vmap cannot run this model ({self._vmap_failure}); "
-                    f"evaluating the {n} samples one by one (slower, same result)",
-                    RuntimeWarning, stacklevel=3,
-                )
-                per = [one({k: v[i] for k, v in batched.items()}) for i in range(n)]
-                tensors = [torch.stack(col) for col in zip(*per)]
-        for mod, key, copy, _ in writeback:
+            for i, start in enumerate(starts):
+                k = min(step, n - start)
+                if i:
+                    weights, log_p, log_q, _ = self._draw(k, generator, with_logp, seeds, start)
+                    lps.append(log_p)
+                    lqs.append(log_q)
+                tensors, writeback = self._evaluate(args, kwargs, k, weights, structure)
+                del weights
+                parts.append(tensors)
+                for mod, key, copy, _ in writeback:
+                    part = copy[0] if key == "num_batches_tracked" else copy.detach().sum(0)
+                    prev = bn_sum.get((id(mod), key))
+                    bn_sum[(id(mod), key)] = (mod, key, part if prev is None or key == "num_batches_tracked"
+                                              else prev[2] + part)
+        for mod, key, total in bn_sum.values():
             with torch.no_grad():
-                if key == "num_batches_tracked":
-                    mod._buffers[key].copy_(copy[0])
-                else:
-                    mod._buffers[key].copy_(copy.mean(0))
+                mod._buffers[key].copy_(total if key == "num_batches_tracked" else total / n)
+        tensors = parts[0] if len(parts) == 1 else [torch.cat(col) for col in zip(*parts)]
         leaves: list[Any] = list(tensors)
         for i, x in structure["static"]:
             leaves.insert(i, x)
         if with_logp:
-            lp = torch.stack([log_p, log_q], dim=1)
+            lp = torch.stack([torch.cat(lps), torch.cat(lqs)], dim=1)
             for t in tensors:
                 t.log_probs = lp
                 t.kl_analytic = kl
@@ -258,6 +257,41 @@ class VIModule(nn.Module):
                     # static_graph=True); the autograd node keeps them: see vi_attributes().
                     t.grad_fn.metadata[_VI_KEY] = (lp, kl, self.kl_divergence)
         return tree_unflatten(leaves, structure["spec"])
+
+    def _evaluate(self, args: tuple, kwargs: dict, n: int, weights: dict[str, Tensor], structure: dict[str, Any]
+                  ) -> tuple[list[Tensor], list[tuple[nn.Module, str, Tensor, str]]]:
+        """The forward for ``n`` drawn weight sets: one vmap call, or a loop where vmap cannot run."""
+        bn_batched, writeback = self._batchnorm_state(n)
+        batched = {**weights, **bn_batched}
+        locations = self._locations(weights, writeback)
+
+        def one(sample_tensors: dict[str, Tensor], _index: Tensor | None = None) -> list[Tensor]:
+            with _swapped(locations, sample_tensors):
+                out = self(*args, **kwargs)
+            leaves, spec = tree_flatten(out)
+            structure["spec"] = spec
+            structure["static"] = [(i, x) for i, x in enumerate(leaves) if not isinstance(x, Tensor)]
+            return [x for x in leaves if isinstance(x, Tensor)]
+
+        if self._vmap_failure is None:
+            try:
+                # The sample index gives vmap a batched input even when no weight is sampled.
+                return torch.vmap(one, randomness="different")(batched, torch.arange(n)), writeback
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+                reason = _vmap_reason(exc)
+                if reason is None:
+                    raise
+                self._vmap_failure = reason
+                bn_batched, writeback = self._batchnorm_state(n)  # discard partial updates
+                batched = {**weights, **bn_batched}
+                locations = self._locations(weights, writeback)
+        warnings.warn(
+            f"{type(self).__name__}: torch.vmap cannot run this model ({self._vmap_failure}); "
+            f"evaluating the {n} samples one by one (slower, same result)",
+            RuntimeWarning, stacklevel=4,
+        )
+        per = [one({k: v[i] for k, v in batched.items()}) for i in range(n)]
+        return [torch.stack(col) for col in zip(*per)], writeback
 
 
 _VI_KEY = "bayesify.vi"

@@ -68,6 +68,9 @@ class VariationalFamily:
     name: str = "family"
     #: True when samples equal the mean (no per-sample weights are ever needed).
     deterministic: bool = False
+    #: True when ``sample_with_prior`` accepts ``seed=`` / ``offset=`` (samples ``offset ..
+    #: offset + n`` of one seed's noise), so a chunked call can draw its weights chunk by chunk.
+    chunked_draws: bool = False
 
     def init(self, point: Tensor) -> dict[str, Tensor]:
         return {}
@@ -88,10 +91,12 @@ class VariationalFamily:
         raise ValueError(f"variational family {self!r} has no elementwise standard deviation")
 
     def sample_with_prior(self, mean: Tensor, params: dict[str, Tensor], prior: Any, prior_buffers: dict[str, Tensor],
-                          n: int, generator: torch.Generator | None, with_logp: bool
+                          n: int, generator: torch.Generator | None, with_logp: bool, **noise: int
                           ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``n`` samples and, with ``with_logp``, their summed log prior and log q ``(n,)``."""
-        w, log_q = self.sample(mean, params, n, generator)
+        """``n`` samples and, with ``with_logp``, their summed log prior and log q ``(n,)``.
+
+        ``noise`` (``seed``, ``offset``) only where ``chunked_draws``; passed on to ``sample``."""
+        w, log_q = self.sample(mean, params, n, generator, **noise)
         if not with_logp:
             return w, None, None
         return w, prior.log_prob(w, prior_buffers).reshape(n, -1).sum(1), log_q
@@ -124,6 +129,7 @@ class MeanFieldNormal(VariationalFamily):
     """
 
     name = "meanfield"
+    chunked_draws = True
 
     def __init__(self, init_std: float = 1e-3, relative: bool = False, min_std: float = 1e-6) -> None:
         for key, val in (("init_std", init_std), ("min_std", min_std)):
@@ -153,10 +159,11 @@ class MeanFieldNormal(VariationalFamily):
         return F.softplus(params["rho"])
 
     def sample(
-        self, mean: Tensor, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None
+        self, mean: Tensor, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None,
+        *, seed: int | None = None, offset: int = 0,
     ) -> tuple[Tensor, Tensor]:
         std = self.std(mean, params)
-        eps = standard_normal((n, *mean.shape), mean.dtype, mean.device, generator)
+        eps = standard_normal((n, *mean.shape), mean.dtype, mean.device, generator, seed, offset)
         value = mean + std * eps
         # log q evaluated through eps = (value - mean) / std: same value and same total
         # derivative as through value, without cancellation when std << |mean|.
@@ -173,7 +180,7 @@ class MeanFieldNormal(VariationalFamily):
         return D.Normal(mean, self.std(mean, params), validate_args=False)
 
     def sample_with_prior(self, mean: Tensor, params: dict[str, Tensor], prior: Any, prior_buffers: dict[str, Tensor],
-                          n: int, generator: torch.Generator | None, with_logp: bool
+                          n: int, generator: torch.Generator | None, with_logp: bool, **noise: int
                           ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """With a ``Normal`` prior: the same draws as :meth:`sample` (same noise, same arithmetic)
         and the same log densities, computed from two per-sample sums while each block of
@@ -181,10 +188,10 @@ class MeanFieldNormal(VariationalFamily):
         from .priors import Normal
 
         if type(prior) is not Normal:
-            return super().sample_with_prior(mean, params, prior, prior_buffers, n, generator, with_logp)
+            return super().sample_with_prior(mean, params, prior, prior_buffers, n, generator, with_logp, **noise)
         std = self.std(mean, params)
         loc = (prior_buffers["loc"] if prior.loc == "pretrained" else prior.loc) if with_logp else None
-        w, quad, sq = meanfield_draw(mean, std, loc, n, generator)
+        w, quad, sq = meanfield_draw(mean, std, loc, n, generator, **noise)
         if not with_logp:
             return w, None, None
         numel = mean.numel()
