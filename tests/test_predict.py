@@ -118,6 +118,11 @@ def test_converted_model(x: torch.Tensor) -> None:
     torch.testing.assert_close(pred.probs, torch.softmax(point(x), -1).detach())
     torch.testing.assert_close(pred.mutual_information, torch.zeros(N), atol=1e-6, rtol=0)
     assert bf.predict(bf.bayesify(point), x, samples=4).probs.shape == (N, C)
+    # chunk_size: fewer weight samples in memory at once, the same predictive on CPU
+    bnn = bf.bayesify(point)
+    whole = bf.predict(bnn, x, samples=9, generator=torch.Generator().manual_seed(2))
+    chunked = bf.predict(bnn, x, samples=9, generator=torch.Generator().manual_seed(2), chunk_size=4)
+    torch.testing.assert_close(whole.probs, chunked.probs)
 
 
 # -- normal ---------------------------------------------------------------------------------------
@@ -258,6 +263,7 @@ def test_silent_unless_progress(net: Net, x: torch.Tensor, capsys) -> None:
     ({"likelihood": None}, ValueError, "valid choices"),
     ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
     ({"batch_size": 1.5}, ValueError, "batch_size must be a positive int"),
+    ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
     ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
     ({"noise_std": 0.1}, ValueError, "noise_std applies only to likelihood='normal'"),
     ({"noise_std": -1.0, "likelihood": "normal"}, ValueError, "non-negative"),
