@@ -34,7 +34,10 @@ __all__ = ["BLOCK", "Layout", "draw_seed", "fill", "regenerate", "run_parallel",
 BLOCK = 1 << 18
 _MASK = (1 << 32) - 1
 #: Backward recovers eps = (w - mean) / std instead of regenerating it where std >= this * |mean|.
-RECOVER_RATIO = 1e-4  # torch's CPU generator (mt19937) seeds from the low 32 bits
+RECOVER_RATIO = 1e-4
+#: Keep the sample for backward (recovering eps is faster than regenerating it, but the
+#: sample then stays alive until the end of backward).
+KEEP_SAMPLE = True
 
 _POOL: dict[str, Any] = {"pid": None, "pool": None, "size": 0}
 _LOCAL = threading.local()
@@ -247,10 +250,10 @@ class _MeanFieldDraw(torch.autograd.Function):
         # Backward needs eps again. Where every std is at least RECOVER_RATIO * |mean| (float32 /
         # float64), eps = (w - mean) / std is recovered to ~6e-8 * |w| / std <= 6e-4 relative
         # (in float32; the subtraction is exact); else the blocks are regenerated from their seeds.
-        recover = (mean.dtype in (torch.float32, torch.float64)
+        recover = (KEEP_SAMPLE and mean.dtype in (torch.float32, torch.float64)
                    and bool((sd >= RECOVER_RATIO * m.abs()).all()))
-        ctx.save_for_backward(w, loc if isinstance(loc, Tensor) else None,
-                              mean if recover else None, std if recover else None)
+        ctx.save_for_backward(w if recover else None, loc if isinstance(loc, Tensor) else None, mean, std)
+        ctx.recover = recover
         ctx.loc, ctx.seed, ctx.shape, ctx.lay = (None if isinstance(loc, Tensor) else loc), seed, mean.shape, lay
         ctx.mark_non_differentiable(sq)
         return w, quad, sq
@@ -260,18 +263,18 @@ class _MeanFieldDraw(torch.autograd.Function):
     def backward(ctx: Any, gw: Tensor | None, gquad: Tensor | None, _gsq: Tensor | None
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         w, loc_t, mean_t, std_t = ctx.saved_tensors
-        m = None if mean_t is None else mean_t.reshape(-1)
-        sd = None if std_t is None else std_t.reshape(-1)
-        loc = _flat(loc_t, w) if loc_t is not None else ctx.loc
-        n = w.shape[0]
-        flat = w.view(n, -1)
+        m, sd = mean_t.reshape(-1), std_t.reshape(-1)
+        loc = _flat(loc_t, mean_t) if loc_t is not None else ctx.loc
         lay = ctx.lay
+        n = lay.n
+        flat = None if w is None else w.view(n, -1)
+        dtype = mean_t.dtype
         # The incoming gradient may be strided (F.linear's weight gradient under vmap is a
         # transpose): blocks read it as row slices, never through a full-size copy.
         g = gw if gw is None or gw.dim() > 1 else gw.view(n, 1)  # a 0-d tensor's samples
         gq2 = None if gquad is None or loc is None else (2 * gquad).view(n, 1)
-        g_mean = w.new_empty(flat.shape[1])
-        g_std = w.new_empty(flat.shape[1])
+        g_mean = mean_t.new_empty(lay.numel)
+        g_std = mean_t.new_empty(lay.numel)
 
         def task(c: int) -> None:
             cols = lay.cols(c)
@@ -279,14 +282,17 @@ class _MeanFieldDraw(torch.autograd.Function):
             for i in range(n):
                 samples, k = slice(i, i + 1), 1
                 size = k * (cols.stop - cols.start)
-                eps = scratch(size, w.dtype, 0).view(k, -1)
-                if m is None:
+                eps = scratch(size, dtype, 0).view(k, -1)
+                if flat is None:  # regenerated, and the sample recomputed bit for bit where needed
                     regenerate(lay, ctx.seed, i, c, eps)
-                else:  # recovered from the sample (see forward)
-                    torch.sub(flat[samples, cols], m[cols], out=eps).div_(sd[cols])
-                t = scratch(size, w.dtype, 1).view(k, -1)
+                    if gq2 is not None:
+                        wb = torch.mul(eps, sd[cols], out=scratch(size, dtype, 2).view(k, -1)).add_(m[cols])
+                else:  # recovered from the kept sample (see forward)
+                    wb = flat[samples, cols]
+                    torch.sub(wb, m[cols], out=eps).div_(sd[cols])
+                t = scratch(size, dtype, 1).view(k, -1)
                 if gq2 is not None:
-                    torch.sub(flat[samples, cols], loc[cols] if isinstance(loc, Tensor) else loc, out=t)
+                    torch.sub(wb, loc[cols] if isinstance(loc, Tensor) else loc, out=t)
                     t.mul_(gq2[samples])
                     if g is not None:
                         _into(t, g, samples, cols, lay, c, add=True)
