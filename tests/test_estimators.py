@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bayesify as bf
 from bayesify.variational import MeanFieldNormal, PointMass
+
+from .watch import LargestTensor
 
 
 N = 4000  # samples for the moment comparisons
@@ -219,27 +220,12 @@ def test_zero_input_gives_finite_local_grads():
 # --- embeddings: only the looked-up rows ------------------------------------------------------
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces (physical tensors, below vmap)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
 def test_embedding_never_materialises_per_sample_tables(estimator):
     vocab, dim, samples = 5000, 16, 8
     emb = bf.nn.VIEmbedding(vocab, dim, estimator=estimator).train()
     idx = _tokens(2, 7, high=vocab)
-    with _LargestTensor() as watch:
+    with LargestTensor() as watch:
         out = emb(idx, samples=samples)
         (out.sum() + bf.ELBOLoss("normal", dataset_size=1).kl_term(out)).backward()
     assert out.shape == (samples, 2, 7, dim)
@@ -253,7 +239,7 @@ def test_embedding_whole_table_draw_is_visible_to_the_watch():
     # without the closed-form shortcut makes the sampler draw the whole table.
     vocab, dim, samples = 500, 4, 3
     emb = bf.nn.VIEmbedding(vocab, dim, prior=bf.priors.Laplace(0.0, 1.0)).train()
-    with _LargestTensor() as watch:
+    with LargestTensor() as watch:
         emb(_tokens(2, 3, high=vocab), samples=samples)
     assert watch.largest >= samples * vocab * dim
 

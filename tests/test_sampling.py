@@ -15,6 +15,8 @@ from bayesify.module import _active as plain_forward
 from bayesify.priors import Laplace, Normal
 from bayesify.variational import MeanFieldNormal, PointMass
 
+from .watch import LargestTensor
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -123,31 +125,19 @@ def test_chunk_size(mlp):
 def test_chunk_size_draws_weights_chunk_by_chunk_and_matches_unchunked():
     # Memory: with chunk_size the weights are drawn per chunk, so no tensor holds more than
     # chunk_size weight samples; BatchNorm running stats move exactly as without chunks.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
-
     torch.manual_seed(0)
     point = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 400),
                           nn.ReLU(), nn.Linear(400, 400))
     a, b = bf.bayesify(point).train(), bf.bayesify(point).train()
     x = torch.randn(2, 2, 6, 6)
     out_a = a(x, samples=8, generator=_gen(3))
-    with Largest():
+    with LargestTensor() as watch:
         out_b = b(x, samples=8, generator=_gen(3), chunk_size=3)
     torch.testing.assert_close(out_a, out_b)
     torch.testing.assert_close(out_a.log_probs, out_b.log_probs)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, msg=ka)
-    assert Largest.largest <= 3 * 400 * 400  # never 8 samples of the 400x400 weight
+    assert watch.largest <= 3 * 400 * 400  # never 8 samples of the 400x400 weight
     with torch.no_grad():
         b.eval()(x, samples=7, chunk_size=2)  # an uneven last chunk
 
