@@ -275,6 +275,10 @@ class VILayerNorm(VILayer, nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._own_noise():
+            if sampling_active() and self.weight is not None:
+                # Under vmap with per-sample affine parameters, layer_norm is decomposed and
+                # autograd keeps the normalised input as well; recompute it in backward instead.
+                return _LayerNormAffine.apply(input, self.weight, self.bias, tuple(self.normalized_shape), self.eps)
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         # An elementwise affine map: "local" and "flipout" both reduce to local
         # reparameterisation (independent noise per output element), which is cheap here.
@@ -289,6 +293,35 @@ class VILayerNorm(VILayer, nn.LayerNorm):
         var = (y * y * (w_std * w_std)) if w_std is not None else torch.zeros_like(mu)
         var = var if b_std is None else var + b_std * b_std
         return mu + _safe_sqrt(var) * torch.randn_like(mu)
+
+
+class _LayerNormAffine(torch.autograd.Function):
+    """``F.layer_norm`` with weight and bias that keeps only its inputs for backward (the
+    backward recomputes the normalisation): under vmap with per-sample affine parameters
+    this saves one activation-sized tensor per LayerNorm (186 MB in a MiniLM training step)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, shape: tuple[int, ...], eps: float) -> Tensor:
+        return F.layer_norm(x, shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias, shape, eps = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.shape, ctx.eps = shape, eps
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None, None]:
+        x, weight, bias = ctx.saved_tensors
+        if bias is None:
+            _, vjp = torch.func.vjp(lambda a, w: F.layer_norm(a, ctx.shape, w, None, ctx.eps), x, weight)
+            gx, gw = vjp(g)
+            return gx, gw, None, None, None
+        _, vjp = torch.func.vjp(lambda a, w, b: F.layer_norm(a, ctx.shape, w, b, ctx.eps), x, weight, bias)
+        gx, gw, gb = vjp(g)
+        return gx, gw, gb, None, None
 
 
 class VIEmbedding(VILayer, nn.Embedding):

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bayesify as bf
@@ -337,3 +338,24 @@ def test_gradients_reach_every_variational_parameter():
         (out.square().sum() + out.log_probs.sum()).backward()
         for n, p in layer.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, (name, n)
+
+
+def test_layernorm_affine_recompute_matches_layer_norm():
+    # Under sampling VILayerNorm runs a Function that recomputes the normalisation in backward
+    # (saves an activation per LayerNorm under vmap); same values and gradients as F.layer_norm.
+    from bayesify.nn import _LayerNormAffine
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: _LayerNormAffine.apply(x, w, b, (6,), 1e-5), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: _LayerNormAffine.apply(x, w, None, (6,), 1e-5), (x, w))
+    ws, bs = w.detach().expand(5, 6) + torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    ws.requires_grad_(), bs.requires_grad_()
+    got = torch.vmap(lambda w_, b_: _LayerNormAffine.apply(x, w_, b_, (6,), 1e-5))(ws, bs)
+    ref = torch.vmap(lambda w_, b_: F.layer_norm(x, (6,), w_, b_, 1e-5))(ws, bs)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(got)
+    for a, r in zip(torch.autograd.grad(got, (x, ws, bs), g), torch.autograd.grad(ref, (x, ws, bs), g)):
+        torch.testing.assert_close(a, r)
