@@ -420,3 +420,20 @@ def test_config_objects_equality_and_repr():
     assert "scale=0.1" in repr(Normal(0.0, 0.1))
     assert MeanFieldNormal(1e-3) == MeanFieldNormal(init_std=1e-3)
     assert "init_std=0.001" in repr(MeanFieldNormal(1e-3))
+
+
+def test_meanfield_normal_kl_to_matches_torch_distributions_and_gradients():
+    # MeanFieldNormal.kl_to: a Function that keeps only its inputs for backward.
+    from bayesify.variational import _NormalKL
+
+    torch.manual_seed(0)
+    m = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    loc = torch.randn(5, 4, dtype=torch.float64)
+    for centre in (loc, 0.1):
+        assert torch.autograd.gradcheck(lambda m, r: _NormalKL.apply(m, r, centre, 0.3), (m, r))
+        ref = D.kl_divergence(D.Normal(m, torch.nn.functional.softplus(r)), D.Normal(centre, 0.3)).sum()
+        q = bf.variational.MeanFieldNormal()
+        got = q.kl_to(bf.priors.Normal(loc="pretrained", scale=0.3) if centre is loc else bf.priors.Normal(0.1, 0.3),
+                      m, {"rho": r}, {"loc": loc})
+        torch.testing.assert_close(got, ref)
