@@ -7,9 +7,9 @@ Here the noise of one tensor is cut into fixed blocks; block ``b`` is drawn by i
 
 - blocks are drawn in parallel on ``torch.get_num_threads()`` threads (``normal_``
   releases the GIL), with the same result for any thread count;
-- the backward pass can *regenerate* any block from its seed instead of keeping the
-  noise alive: the reparameterised sample ``w = mean + std * eps`` is the only
-  sample-sized tensor a training step keeps.
+- the noise is never kept for backward: it is recovered from the reparameterised sample
+  ``w = mean + std * eps`` or regenerated block by block from the seeds, so ``w`` is the
+  only sample-sized tensor a training step keeps.
 
 Other devices use one plain ``normal_`` call with the caller's generator. Under
 ``torch.compile`` these functions run eagerly (a graph break), so a compiled model
@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "Layout", "draw_seed", "fill", "regenerate", "run_parallel", "scratch", "standard_normal"]
+__all__ = ["BLOCK", "Layout", "draw_seed", "fill", "meanfield_draw", "regenerate", "run_parallel", "scratch",
+           "standard_normal"]
 
 #: Elements per block: large enough that Python overhead is negligible, small enough to
 #: stay in cache for the fused work done on each block.
@@ -35,15 +36,12 @@ BLOCK = 1 << 18
 _MASK = (1 << 32) - 1
 #: Backward recovers eps = (w - mean) / std instead of regenerating it where std >= this * |mean|.
 RECOVER_RATIO = 1e-4
-#: Keep the sample for backward (recovering eps is faster than regenerating it, but the
-#: sample then stays alive until the end of backward).
-KEEP_SAMPLE = True
 
 _POOL: dict[str, Any] = {"pid": None, "pool": None, "size": 0}
 _LOCAL = threading.local()
 
 
-def draw_seed(generator: torch.Generator | None, device: torch.device | str = "cpu") -> int:
+def draw_seed(generator: torch.Generator | None) -> int:
     """One seed from ``generator`` (or the global RNG): the only draw the caller's RNG sees."""
     return int(torch.randint(0, 1 << 62, (1,), generator=generator,
                              device=generator.device if generator is not None else "cpu"))
@@ -130,13 +128,12 @@ def _fill(out: Tensor, seed: int) -> Tensor:
     return out.normal_(generator=g)
 
 
-def fill(flat: Tensor, seed: int, per_block: Callable[[slice, slice, Tensor], Any] | None = None,
-         lay: Layout | None = None) -> list[Any]:
+def fill(flat: Tensor, seed: int, per_block: Callable[[slice, Tensor], Any] | None = None,
+         lay: Layout | None = None) -> list[list[Any]]:
     """Fill ``flat`` ``(n, numel)`` (contiguous) with N(0, 1) noise, block by block, in parallel.
 
-    ``per_block(samples, cols, block)`` runs on each filled block (the ``(1, cols)`` view
-    ``flat[samples, cols]``) while it is hot in cache; the results come back as a list of
-    ``(samples, cols, result)``.
+    ``per_block(cols, block)`` runs on each filled block (the view ``flat[s, cols]``) while
+    it is hot in cache; its results come back per column chunk, in sample order.
     """
     lay = Layout(*flat.shape) if lay is None else lay
 
@@ -146,11 +143,11 @@ def fill(flat: Tensor, seed: int, per_block: Callable[[slice, slice, Tensor], An
         for s in range(lay.n):
             block = flat[s, cols]
             _fill(block, seed + lay.index(s, c))
-            one = slice(s, s + 1)
-            res.append((one, cols, per_block(one, cols, block.unsqueeze(0)) if per_block else None))
+            if per_block is not None:
+                res.append(per_block(cols, block))
         return res
 
-    return [r for rs in run_parallel([lambda c=c: task(c) for c in range(lay.chunks)]) for r in rs]
+    return run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])
 
 
 def regenerate(lay: Layout, seed: int, s: int, c: int, out: Tensor) -> Tensor:
@@ -190,7 +187,7 @@ def meanfield_draw(mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int
     ``quad = sum((w - loc)**2)`` and ``sq = sum(eps**2)`` (the Normal log densities' data terms).
 
     On the fast path the noise is block-seeded (see the module docstring) and never kept:
-    the backward pass regenerates it block by block. Elsewhere plain tensor ops.
+    backward recovers or regenerates it block by block. Elsewhere plain tensor ops.
     """
     if not fast_path(mean) or mean.numel() == 0:
         eps = torch.empty((n, *mean.shape), dtype=mean.dtype, device=mean.device).normal_(generator=generator)
@@ -205,19 +202,19 @@ def meanfield_draw(mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int
     if not grad and loc is None:
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
         m, sd = mean.detach().reshape(-1), std.detach().reshape(-1)
-        fill(w.view(n, -1), seed, lambda _s, cols, b: b.mul_(sd[cols]).add_(m[cols]), lay)
+        fill(w.view(n, -1), seed, lambda cols, b: b.mul_(sd[cols]).add_(m[cols]), lay)
         return w, None, None
     w, quad, sq = _MeanFieldDraw.apply(mean, std, loc, lay, seed)
     return (w, None, None) if loc is None else (w, quad, sq)
 
 
-def _flat(t: Tensor | float | None, like: Tensor) -> Tensor | float | None:
+def _flat(t: Tensor | float | None) -> Tensor | float | None:
     return t.reshape(-1) if isinstance(t, Tensor) else t
 
 
-def _into(t: Tensor, g: Tensor, samples: slice, cols: slice, lay: Layout, c: int, add: bool) -> None:
-    """``t (+)= g``'s block ``(samples, cols)``, read through its own strides (no full-size copy)."""
-    block = g[samples, lay.rows(c)]
+def _into(t: Tensor, g: Tensor, s: int, lay: Layout, c: int, add: bool) -> None:
+    """``t (+)= g``'s block ``(s, c)``, read through its own strides (no full-size copy)."""
+    block = g[s, lay.rows(c)]
     dst = t.view(block.shape)
     dst.add_(block) if add else dst.copy_(block)
 
@@ -228,32 +225,25 @@ class _MeanFieldDraw(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         n = lay.n
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
-        flat = w.view(n, -1)
         m, sd = mean.reshape(-1), std.reshape(-1)
-        lc = _flat(loc, mean)
+        lc = _flat(loc)
 
-        def per_block(_s: slice, cols: slice, b: Tensor) -> tuple[Tensor, Tensor | None]:
-            sq = torch.linalg.vector_norm(b, dim=1).square()
+        def per_block(cols: slice, b: Tensor) -> Tensor:
+            """``(sum(eps^2), sum((w - loc)^2))`` of one block, turning its eps into w in place."""
+            sq = torch.dot(b, b)
             b.mul_(sd[cols]).add_(m[cols])
             if lc is None:
-                return sq, None
-            d = scratch(b.numel(), b.dtype, 1).view(b.shape)
-            torch.sub(b, lc[cols] if isinstance(lc, Tensor) else lc, out=d)
-            return sq, torch.linalg.vector_norm(d, dim=1).square()
+                return torch.stack([sq, torch.zeros_like(sq)])
+            d = torch.sub(b, lc[cols] if isinstance(lc, Tensor) else lc, out=scratch(b.numel(), b.dtype, 1))
+            return torch.stack([sq, torch.dot(d, d)])
 
-        sq = w.new_zeros(n)
-        quad = w.new_zeros(n)
-        for samples, _cols, (s_sq, s_quad) in fill(flat, seed, per_block, lay):
-            sq[samples] += s_sq
-            if s_quad is not None:
-                quad[samples] += s_quad
+        per_chunk = fill(w.view(n, -1), seed, per_block, lay)
+        sq, quad = torch.stack([torch.stack(r) for r in per_chunk]).sum(0).unbind(1)
         # Backward needs eps again. Where every std is at least RECOVER_RATIO * |mean| (float32 /
         # float64), eps = (w - mean) / std is recovered to ~6e-8 * |w| / std <= 6e-4 relative
         # (in float32; the subtraction is exact); else the blocks are regenerated from their seeds.
-        recover = (KEEP_SAMPLE and mean.dtype in (torch.float32, torch.float64)
-                   and bool((sd >= RECOVER_RATIO * m.abs()).all()))
+        recover = mean.dtype in (torch.float32, torch.float64) and bool((sd >= RECOVER_RATIO * m.abs()).all())
         ctx.save_for_backward(w if recover else None, loc if isinstance(loc, Tensor) else None, mean, std)
-        ctx.recover = recover
         ctx.loc, ctx.seed, ctx.shape, ctx.lay = (None if isinstance(loc, Tensor) else loc), seed, mean.shape, lay
         ctx.mark_non_differentiable(sq)
         return w, quad, sq
@@ -264,7 +254,7 @@ class _MeanFieldDraw(torch.autograd.Function):
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         w, loc_t, mean_t, std_t = ctx.saved_tensors
         m, sd = mean_t.reshape(-1), std_t.reshape(-1)
-        loc = _flat(loc_t, mean_t) if loc_t is not None else ctx.loc
+        loc = _flat(loc_t) if loc_t is not None else ctx.loc
         lay = ctx.lay
         n = lay.n
         flat = None if w is None else w.view(n, -1)
@@ -272,37 +262,36 @@ class _MeanFieldDraw(torch.autograd.Function):
         # The incoming gradient may be strided (F.linear's weight gradient under vmap is a
         # transpose): blocks read it as row slices, never through a full-size copy.
         g = gw if gw is None or gw.dim() > 1 else gw.view(n, 1)  # a 0-d tensor's samples
-        gq2 = None if gquad is None or loc is None else (2 * gquad).view(n, 1)
+        gq2 = None if gquad is None or loc is None else 2 * gquad
         g_mean = mean_t.new_empty(lay.numel)
         g_std = mean_t.new_empty(lay.numel)
 
         def task(c: int) -> None:
             cols = lay.cols(c)
+            size = cols.stop - cols.start
             gm, gs = g_mean[cols].zero_(), g_std[cols].zero_()
-            for i in range(n):
-                samples, k = slice(i, i + 1), 1
-                size = k * (cols.stop - cols.start)
-                eps = scratch(size, dtype, 0).view(k, -1)
+            loc_c = loc[cols] if isinstance(loc, Tensor) else loc
+            for s in range(n):
+                eps = scratch(size, dtype, 0)
                 if flat is None:  # regenerated, and the sample recomputed bit for bit where needed
-                    regenerate(lay, ctx.seed, i, c, eps)
+                    regenerate(lay, ctx.seed, s, c, eps)
                     if gq2 is not None:
-                        wb = torch.mul(eps, sd[cols], out=scratch(size, dtype, 2).view(k, -1)).add_(m[cols])
+                        wb = torch.mul(eps, sd[cols], out=scratch(size, dtype, 2)).add_(m[cols])
                 else:  # recovered from the kept sample (see forward)
-                    wb = flat[samples, cols]
+                    wb = flat[s, cols]
                     torch.sub(wb, m[cols], out=eps).div_(sd[cols])
-                t = scratch(size, dtype, 1).view(k, -1)
+                # t = dL/dw_s of this block: the sample's gradient plus the prior term 2 gquad_s (w_s - loc)
+                t = scratch(size, dtype, 1)
                 if gq2 is not None:
-                    torch.sub(wb, loc[cols] if isinstance(loc, Tensor) else loc, out=t)
-                    t.mul_(gq2[samples])
+                    torch.sub(wb, loc_c, out=t).mul_(gq2[s])
                     if g is not None:
-                        _into(t, g, samples, cols, lay, c, add=True)
+                        _into(t, g, s, lay, c, add=True)
                 elif g is not None:
-                    _into(t, g, samples, cols, lay, c, add=False)
+                    _into(t, g, s, lay, c, add=False)
                 else:
                     t.zero_()
-                gm.add_(t[0])
-                t.mul_(eps)
-                gs.add_(t[0])
+                gm.add_(t)
+                gs.add_(t.mul_(eps))
 
         run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])
         return g_mean.view(ctx.shape), g_std.view(ctx.shape), None, None, None

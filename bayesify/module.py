@@ -65,6 +65,13 @@ def check_samples(samples: Any) -> int:
     return samples
 
 
+def check_chunk_size(chunk_size: Any) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
 class VIModule(nn.Module):
     """Base class for Bayesian models.
 
@@ -102,9 +109,7 @@ class VIModule(nn.Module):
         if self._means_outside_sampling and samples is None and generator is None and chunk_size is None:
             return super().__call__(*args, **kwargs)  # the parameters hold the posterior means
         n = DEFAULT_SAMPLES if samples is None else check_samples(samples)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         with _fsdp_gathered(self):
@@ -212,8 +217,9 @@ class VIModule(nn.Module):
         # chunk_size weight samples (where nothing keeps them for backward). On CPU the
         # block-seeded noise makes a chunked call draw exactly the unchunked call's weights.
         step = n if chunk_size is None else min(chunk_size, n)
-        starts = list(range(0, n, step))
-        weights, log_p, log_q, kl = self._draw(min(step, n), generator, with_logp, seeds, 0)
+        # The weights' seeds come off the generator before the in-forward seed (so `_draw(n, g)`
+        # alone reproduces a call's weights): draw the first chunk first.
+        drawn = self._draw(step, generator, with_logp, seeds, 0)
         # In-forward randomness (dropout, local reparameterisation) follows the explicit
         # generator when one is given, and the global RNG otherwise.
         rng = nullcontext()
@@ -221,23 +227,30 @@ class VIModule(nn.Module):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             rng = _seeded(seed)
         parts: list[list[Tensor]] = []
-        lps, lqs = [log_p], [log_q]
-        bn_sum: dict[int, tuple[nn.Module, str, Tensor]] = {}
+        lps: list[Tensor] = []
+        lqs: list[Tensor] = []
+        kl: Tensor | None = None
+        # BatchNorm running stats: each chunk starts from the same stored stats; the update
+        # is the mean over all samples (num_batches_tracked: the same in every sample).
+        bn_sum: dict[tuple[int, str], tuple[nn.Module, str, Tensor]] = {}
         with _active(), rng:
-            for i, start in enumerate(starts):
+            for start in range(0, n, step):
                 k = min(step, n - start)
-                if i:
-                    weights, log_p, log_q, _ = self._draw(k, generator, with_logp, seeds, start)
-                    lps.append(log_p)
-                    lqs.append(log_q)
+                if drawn is None:
+                    drawn = self._draw(k, generator, with_logp, seeds, start)
+                weights, log_p, log_q, chunk_kl = drawn
+                kl = chunk_kl if kl is None else kl  # the closed-form part does not depend on the draws
+                lps.append(log_p)
+                lqs.append(log_q)
                 tensors, writeback = self._evaluate(args, kwargs, k, weights, structure)
                 del weights
+                drawn = None  # the next chunk draws its own; this one's samples can go
                 parts.append(tensors)
                 for mod, key, copy, _ in writeback:
                     part = copy[0] if key == "num_batches_tracked" else copy.detach().sum(0)
-                    prev = bn_sum.get((id(mod), key))
-                    bn_sum[(id(mod), key)] = (mod, key, part if prev is None or key == "num_batches_tracked"
-                                              else prev[2] + part)
+                    if (id(mod), key) in bn_sum and key != "num_batches_tracked":
+                        part = bn_sum[(id(mod), key)][2] + part
+                    bn_sum[(id(mod), key)] = (mod, key, part)
         for mod, key, total in bn_sum.values():
             with torch.no_grad():
                 mod._buffers[key].copy_(total if key == "num_batches_tracked" else total / n)

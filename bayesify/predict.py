@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._choices import lookup
 from .loss import LIKELIHOODS, first_tensor
-from .module import VIModule, check_samples
+from .module import VIModule, check_chunk_size, check_samples
 from .sites import iter_sites
 
 __all__ = ["predict", "Prediction"]
@@ -282,9 +282,7 @@ def predict(
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     noise_var = _noise_variance(noise_std, kind)
     calls, total = _batches(x, batch_size, _model_device(model))
 
