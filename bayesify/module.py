@@ -141,17 +141,11 @@ class VIModule(nn.Module):
         seeds = {} if seeds is None else seeds
         weights: dict[str, Tensor] = {}
         log_p = log_q = kl = None
-        tied = None
+        tied = _tied_ids(self)
         for site in iter_sites(self):
             spec, mean = site.spec, site.mean
-            in_layer = site.estimator != "reparam"
-            if not in_layer and getattr(site.module, "_rows_sampled", None) is not None and site.name == "weight":
-                # An embedding draws only the rows it looks up, unless its table is tied to
-                # another module's weight (GPT-2's lm_head), which needs the whole draw.
-                tied = _tied_ids(self) if tied is None else tied
-                in_layer = id(mean) not in tied and site.module._rows_sampled()
-            if in_layer and not spec.variational.deterministic:
-                # Sampled inside the layer (local reparameterisation / Flipout): analytic KL.
+            if site.sampled_in_layer(id(mean) in tied) and not spec.variational.deterministic:
+                # Sampled inside the layer (local / Flipout, embedding rows): closed-form KL.
                 if with_logp:
                     k = spec.variational.kl_to(spec.prior, mean, site.vparams(), site.pbuffers())
                     k = analytic_kl(site) if k is None else k

@@ -96,6 +96,10 @@ class VILayer(VIModule):
     # itself while ``sampling_active()``. It runs under ``vmap(randomness="different")``,
     # so ``torch.randn_like`` gives independent noise per weight sample.
 
+    def _samples_in_layer(self, name: str, tied: bool) -> bool:
+        """Whether this layer draws site ``name`` inside its forward (see ``Site.sampled_in_layer``)."""
+        return self.estimator != "reparam"
+
     def _own_noise(self) -> bool:
         """True when this forward must inject its own noise (a non-reparam estimator while sampling)."""
         return self.estimator != "reparam" and sampling_active()
@@ -330,13 +334,14 @@ class VIEmbedding(VILayer, nn.Embedding):
     point_type = nn.Embedding
     __init__ = _layer(nn.Embedding)
 
-    def _rows_sampled(self) -> bool:
-        """True when, under sampling, this layer draws only the rows it looks up (any estimator).
+    def _samples_in_layer(self, name: str, tied: bool) -> bool:
+        """Under any estimator, the table draws only the rows it looks up (in its forward) where
+        it can: the default pair (MeanFieldNormal posterior, Normal prior: elementwise std and a
+        closed-form KL, which replaces the table's share of ``log_probs``), a plain lookup, and
+        a table not tied to another module's weight (GPT-2's lm_head needs every row)."""
+        return super()._samples_in_layer(name, tied) or (name == "weight" and not tied and self._rows_sampled())
 
-        Needs the default pair (MeanFieldNormal posterior, Normal prior: elementwise std and a
-        closed-form KL, which replaces the table's share of ``log_probs``) and a plain lookup.
-        The sampler still draws the whole table where the weight is tied to another module.
-        """
+    def _rows_sampled(self) -> bool:
         spec = getattr(self, "_vi_sites", {}).get("weight")
         return (spec is not None and type(spec.variational) is MeanFieldNormal and type(spec.prior) is Normal
                 and self.max_norm is None and not self.scale_grad_by_freq and not self.sparse)

@@ -53,12 +53,12 @@ class Site:
     def pbuffers(self) -> dict[str, Tensor]:
         return {k: getattr(self.module, f"{self.name}_prior_{k}") for k in self.spec.pkeys}
 
-    @property
-    def estimator(self) -> str:
-        # Only bayesify's own layers sample inside their forward; foreign modules never do.
-        if getattr(type(self.module), "_vi_layer", False):
-            return getattr(self.module, "estimator", "reparam")
-        return "reparam"
+    def sampled_in_layer(self, tied: bool) -> bool:
+        """True when the owning layer samples this tensor inside its forward (the sampler then
+        draws nothing for it and adds its closed-form KL). ``tied``: the parameter is also
+        registered in another module. Only bayesify's own layers do; foreign modules never."""
+        ask = getattr(self.module, "_samples_in_layer", None)
+        return bool(getattr(type(self.module), "_vi_layer", False) and ask is not None and ask(self.name, tied))
 
 
 def make_bayesian(
