@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["BLOCK", "Layout", "draw_seed", "fill", "meanfield_draw", "regenerate", "run_parallel", "scratch",
@@ -180,32 +181,35 @@ def standard_normal(shape: Iterable[int], dtype: torch.dtype, device: torch.devi
 
 
 @torch.compiler.disable  # eager under torch.compile too: the same noise as without it
-def meanfield_draw(mean: Tensor, std: Tensor, loc: Tensor | float | None, n: int,
+def meanfield_draw(mean: Tensor, rho: Tensor, loc: Tensor | float | None, n: int,
                    generator: torch.Generator | None, seed: int | None = None, offset: int = 0
-                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``n`` samples ``w = mean + std * eps`` with, when ``loc`` is given, per-sample
-    ``quad = sum((w - loc)**2)`` and ``sq = sum(eps**2)`` (the Normal log densities' data terms).
+                   ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``n`` samples ``w = mean + softplus(rho) * eps`` with, when ``loc`` is given, per-sample
+    ``quad = sum((w - loc)**2)``, ``sq = sum(eps**2)`` (the Normal log densities' data terms)
+    and ``log_std = sum(log softplus(rho))``.
 
     On the fast path the noise is block-seeded (see the module docstring) and never kept:
-    backward recovers or regenerates it block by block. Elsewhere plain tensor ops.
+    backward recovers or regenerates it block by block, and recomputes ``std`` from ``rho``
+    (so nothing but ``w`` and the parameters is held for backward). Elsewhere plain tensor ops.
     """
     if not fast_path(mean) or mean.numel() == 0:
+        std = F.softplus(rho)
         eps = torch.empty((n, *mean.shape), dtype=mean.dtype, device=mean.device).normal_(generator=generator)
         w = mean + std * eps
         if loc is None:
-            return w, None, None
+            return w, None, None, None
         dims = tuple(range(1, w.dim()))
-        return w, (w - loc).square().sum(dims), eps.square().sum(dims)
+        return w, (w - loc).square().sum(dims), eps.square().sum(dims), std.log().sum()
     seed = draw_seed(generator) if seed is None else seed
     lay = Layout.of(n, tuple(mean.shape), offset)
-    grad = torch.is_grad_enabled() and (mean.requires_grad or std.requires_grad)
+    grad = torch.is_grad_enabled() and (mean.requires_grad or rho.requires_grad)
     if not grad and loc is None:
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
-        m, sd = mean.detach().reshape(-1), std.detach().reshape(-1)
+        m, sd = mean.detach().reshape(-1), F.softplus(rho.detach()).reshape(-1)
         fill(w.view(n, -1), seed, lambda cols, b: b.mul_(sd[cols]).add_(m[cols]), lay)
-        return w, None, None
-    w, quad, sq = _MeanFieldDraw.apply(mean, std, loc, lay, seed)
-    return (w, None, None) if loc is None else (w, quad, sq)
+        return w, None, None, None
+    w, quad, sq, log_std = _MeanFieldDraw.apply(mean, rho, loc, lay, seed)
+    return (w, None, None, None) if loc is None else (w, quad, sq, log_std)
 
 
 def _flat(t: Tensor | float | None) -> Tensor | float | None:
@@ -221,11 +225,12 @@ def _into(t: Tensor, g: Tensor, s: int, lay: Layout, c: int, add: bool) -> None:
 
 class _MeanFieldDraw(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, mean: Tensor, std: Tensor, loc: Tensor | float | None, lay: Layout, seed: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, mean: Tensor, rho: Tensor, loc: Tensor | float | None, lay: Layout, seed: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n = lay.n
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
-        m, sd = mean.reshape(-1), std.reshape(-1)
+        m = mean.reshape(-1)
+        sd = F.softplus(rho).reshape(-1)  # not kept: backward recomputes it from rho
         lc = _flat(loc)
 
         def per_block(cols: slice, b: Tensor) -> Tensor:
@@ -243,17 +248,19 @@ class _MeanFieldDraw(torch.autograd.Function):
         # float64), eps = (w - mean) / std is recovered to ~6e-8 * |w| / std <= 6e-4 relative
         # (in float32; the subtraction is exact); else the blocks are regenerated from their seeds.
         recover = mean.dtype in (torch.float32, torch.float64) and bool((sd >= RECOVER_RATIO * m.abs()).all())
-        ctx.save_for_backward(w if recover else None, loc if isinstance(loc, Tensor) else None, mean, std)
+        log_std = sd.log_().sum()
+        ctx.save_for_backward(w if recover else None, loc if isinstance(loc, Tensor) else None, mean, rho)
         ctx.loc, ctx.seed, ctx.shape, ctx.lay = (None if isinstance(loc, Tensor) else loc), seed, mean.shape, lay
         ctx.mark_non_differentiable(sq)
-        return w, quad, sq
+        return w, quad, sq, log_std
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, gw: Tensor | None, gquad: Tensor | None, _gsq: Tensor | None
+    def backward(ctx: Any, gw: Tensor | None, gquad: Tensor | None, _gsq: Tensor | None, glog: Tensor | None
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        w, loc_t, mean_t, std_t = ctx.saved_tensors
-        m, sd = mean_t.reshape(-1), std_t.reshape(-1)
+        w, loc_t, mean_t, rho_t = ctx.saved_tensors
+        m, rho = mean_t.reshape(-1), rho_t.reshape(-1)
+        sd = F.softplus(rho)
         loc = _flat(loc_t) if loc_t is not None else ctx.loc
         lay = ctx.lay
         n = lay.n
@@ -264,12 +271,12 @@ class _MeanFieldDraw(torch.autograd.Function):
         g = gw if gw is None or gw.dim() > 1 else gw.view(n, 1)  # a 0-d tensor's samples
         gq2 = None if gquad is None or loc is None else 2 * gquad
         g_mean = mean_t.new_empty(lay.numel)
-        g_std = mean_t.new_empty(lay.numel)
+        g_rho = mean_t.new_empty(lay.numel)
 
         def task(c: int) -> None:
             cols = lay.cols(c)
             size = cols.stop - cols.start
-            gm, gs = g_mean[cols].zero_(), g_std[cols].zero_()
+            gm, gs = g_mean[cols].zero_(), g_rho[cols].zero_()
             loc_c = loc[cols] if isinstance(loc, Tensor) else loc
             for s in range(n):
                 eps = scratch(size, dtype, 0)
@@ -292,6 +299,10 @@ class _MeanFieldDraw(torch.autograd.Function):
                     t.zero_()
                 gm.add_(t)
                 gs.add_(t.mul_(eps))
+            # gs is dL/dstd; dL/drho = (dL/dstd + glog / std) * sigmoid(rho)
+            if glog is not None:
+                gs.add_(torch.reciprocal(sd[cols], out=scratch(size, dtype, 2)).mul_(glog))
+            gs.mul_(torch.sigmoid(rho[cols], out=scratch(size, dtype, 0)))
 
         run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])
-        return g_mean.view(ctx.shape), g_std.view(ctx.shape), None, None, None
+        return g_mean.view(ctx.shape), g_rho.view(ctx.shape), None, None, None

@@ -437,3 +437,25 @@ def test_meanfield_normal_kl_to_matches_torch_distributions_and_gradients():
         got = q.kl_to(bf.priors.Normal(loc="pretrained", scale=0.3) if centre is loc else bf.priors.Normal(0.1, 0.3),
                       m, {"rho": r}, {"loc": loc})
         torch.testing.assert_close(got, ref)
+
+
+def test_meanfield_normal_kl_to_over_many_blocks_matches_autograd():
+    # Large tensors are summed and differentiated block by block on the thread pool.
+    from bayesify._normal import BLOCK
+    from bayesify.variational import _NormalKL
+
+    torch.manual_seed(1)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shape = (BLOCK // 100 * 3 + 7, 100)
+        m = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(shape, dtype=torch.float64).sub_(3).requires_grad_()
+        loc = torch.randn(shape, dtype=torch.float64)
+        for centre in (loc, -0.2):
+            got = _NormalKL.apply(m, r, centre, 0.5)
+            ref = D.kl_divergence(D.Normal(m, torch.nn.functional.softplus(r)), D.Normal(centre, 0.5)).sum()
+            torch.testing.assert_close(got, ref)
+            torch.testing.assert_close(torch.autograd.grad(2.5 * got, (m, r)), torch.autograd.grad(2.5 * ref, (m, r)))
+    finally:
+        torch.set_num_threads(prev)

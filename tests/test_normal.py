@@ -63,9 +63,9 @@ def test_backward_equals_autograd(shape, loc, threads, path):
         g_out = torch.randn(n, *shape, dtype=torch.float64)
         g_quad = torch.randn(n, dtype=torch.float64)
 
-        std = torch.nn.functional.softplus(rho)
-        w, quad, sq = meanfield_draw(mean, std, lc, n, _gen(5))
-        loss = (w * g_out).sum() + (0 if quad is None else (quad * g_quad).sum())
+        g_log = 0.7
+        w, quad, sq, log_std = meanfield_draw(mean, rho, lc, n, _gen(5))
+        loss = (w * g_out).sum() + (0 if quad is None else (quad * g_quad).sum() + g_log * log_std)
         gm, gr = torch.autograd.grad(loss, (mean, rho))
 
         eps = standard_normal((n, *shape), torch.float64, torch.device("cpu"), _gen(5))
@@ -78,7 +78,8 @@ def test_backward_equals_autograd(shape, loc, threads, path):
             quad2 = (w2 - lc).square().sum(dims)
             torch.testing.assert_close(quad, quad2)
             torch.testing.assert_close(sq, eps.square().sum(dims))
-            loss2 = loss2 + (quad2 * g_quad).sum()
+            torch.testing.assert_close(log_std, std2.log().sum())
+            loss2 = loss2 + (quad2 * g_quad).sum() + g_log * std2.log().sum()
         gm2, gr2 = torch.autograd.grad(loss2, (mean, rho))
         torch.testing.assert_close(gm, gm2)
         torch.testing.assert_close(gr, gr2)
@@ -87,16 +88,16 @@ def test_backward_equals_autograd(shape, loc, threads, path):
 
 
 def test_no_grad_draw_equals_grad_draw():
-    mean, std = torch.randn(9, BLOCK // 4), torch.rand(9, BLOCK // 4)
+    mean, rho = torch.randn(9, BLOCK // 4), torch.randn(9, BLOCK // 4)
     with torch.no_grad():
-        a, _, _ = meanfield_draw(mean, std, None, 3, _gen(8))
-    b, _, _ = meanfield_draw(mean.requires_grad_(), std, None, 3, _gen(8))
+        a = meanfield_draw(mean, rho, None, 3, _gen(8))[0]
+    b = meanfield_draw(mean.requires_grad_(), rho, None, 3, _gen(8))[0]
     assert torch.equal(a, b.detach())
 
 
 def test_bfloat16_and_empty():
     mean = torch.randn(64, 33, dtype=torch.bfloat16, requires_grad=True)
-    w, quad, sq = meanfield_draw(mean, torch.full_like(mean, 0.1), 0.0, 3, _gen(0))
+    w, quad, sq, _ = meanfield_draw(mean, torch.full_like(mean, -2.0), 0.0, 3, _gen(0))
     assert w.dtype == torch.bfloat16 and quad.shape == (3,)
     (w.float().sum() + quad.float().sum()).backward()
     assert torch.isfinite(mean.grad.float()).all()
@@ -122,14 +123,14 @@ def test_strided_incoming_gradient(shape):
     torch.set_num_threads(2)
     try:
         mean = torch.randn(shape, requires_grad=True)
-        std = torch.rand(shape).add_(0.1).requires_grad_()
+        rho = torch.randn(shape).requires_grad_()
         g_out = torch.randn(2, *reversed(shape)).permute(0, *range(len(shape), 0, -1))
         assert not g_out.is_contiguous()
-        w, _, _ = meanfield_draw(mean, std, None, 2, _gen(4))
-        gm, gs = torch.autograd.grad((w * g_out).sum(), (mean, std))
+        w = meanfield_draw(mean, rho, None, 2, _gen(4))[0]
+        gm, gr = torch.autograd.grad((w * g_out).sum(), (mean, rho))
         eps = standard_normal((2, *shape), torch.float32, torch.device("cpu"), _gen(4))
         torch.testing.assert_close(gm, g_out.sum(0))
-        torch.testing.assert_close(gs, (g_out * eps).sum(0))
+        torch.testing.assert_close(gr, (g_out * eps).sum(0) * torch.sigmoid(rho.detach()))
     finally:
         torch.set_num_threads(prev)
 
@@ -141,12 +142,14 @@ def test_recovered_eps_is_accurate_in_float32():
     torch.set_num_threads(2)
     try:
         mean = (torch.randn(300, 900) * 3).requires_grad_()
-        std = (mean.detach().abs() * 1e-3).clamp_min(1e-3).requires_grad_()
+        std = (mean.detach().abs() * 1e-3).clamp_min(1e-3).double()
+        rho = (std + torch.log(-torch.expm1(-std))).float().requires_grad_()  # softplus(rho) = std
         g_out = torch.randn(3, 300, 900)
-        w, _, _ = meanfield_draw(mean, std, None, 3, _gen(9))
-        _, gs = torch.autograd.grad((w * g_out).sum(), (mean, std))
+        w = meanfield_draw(mean, rho, None, 3, _gen(9))[0]
+        _, gr = torch.autograd.grad((w * g_out).sum(), (mean, rho))
         eps = standard_normal((3, 300, 900), torch.float32, torch.device("cpu"), _gen(9))
-        ref = (g_out.double() * eps.double()).sum(0)
-        assert ((gs.double() - ref).abs() <= 1e-3 * (g_out.abs().sum(0).double() + 1e-6)).all()
+        sig = torch.sigmoid(rho.detach().double())
+        ref = (g_out.double() * eps.double()).sum(0) * sig
+        assert ((gr.double() - ref).abs() <= 1e-3 * sig * (g_out.abs().sum(0).double() + 1e-6)).all()
     finally:
         torch.set_num_threads(prev)
