@@ -212,15 +212,16 @@ def meanfield_draw(mean: Tensor, rho: Tensor, loc: Tensor | float | None, n: int
     return (w, None, None, None) if loc is None else (w, quad, sq, log_std)
 
 
+def _recoverable(m: Tensor, sd: Tensor) -> bool:
+    """Every ``sd >= RECOVER_RATIO * |m|``: two reductions decide most tensors, else elementwise."""
+    lo, hi = torch.aminmax(m)
+    if float(sd.min()) >= RECOVER_RATIO * max(-float(lo), float(hi)):
+        return True
+    return bool((sd >= RECOVER_RATIO * m.abs()).all())
+
+
 def _flat(t: Tensor | float | None) -> Tensor | float | None:
     return t.reshape(-1) if isinstance(t, Tensor) else t
-
-
-def _into(t: Tensor, g: Tensor, s: int, lay: Layout, c: int, add: bool) -> None:
-    """``t (+)= g``'s block ``(s, c)``, read through its own strides (no full-size copy)."""
-    block = g[s, lay.rows(c)]
-    dst = t.view(block.shape)
-    dst.add_(block) if add else dst.copy_(block)
 
 
 class _MeanFieldDraw(torch.autograd.Function):
@@ -247,7 +248,7 @@ class _MeanFieldDraw(torch.autograd.Function):
         # Backward needs eps again. Where every std is at least RECOVER_RATIO * |mean| (float32 /
         # float64), eps = (w - mean) / std is recovered to ~6e-8 * |w| / std <= 6e-4 relative
         # (in float32; the subtraction is exact); else the blocks are regenerated from their seeds.
-        recover = mean.dtype in (torch.float32, torch.float64) and bool((sd >= RECOVER_RATIO * m.abs()).all())
+        recover = mean.dtype in (torch.float32, torch.float64) and _recoverable(m, sd)
         log_std = sd.log_().sum()
         ctx.save_for_backward(w if recover else None, loc if isinstance(loc, Tensor) else None, mean, rho)
         ctx.loc, ctx.seed, ctx.shape, ctx.lay = (None if isinstance(loc, Tensor) else loc), seed, mean.shape, lay
@@ -276,33 +277,36 @@ class _MeanFieldDraw(torch.autograd.Function):
         def task(c: int) -> None:
             cols = lay.cols(c)
             size = cols.stop - cols.start
-            gm, gs = g_mean[cols].zero_(), g_rho[cols].zero_()
+            gm, acc = g_mean[cols].zero_(), g_rho[cols].zero_()
             loc_c = loc[cols] if isinstance(loc, Tensor) else loc
             for s in range(n):
-                eps = scratch(size, dtype, 0)
-                if flat is None:  # regenerated, and the sample recomputed bit for bit where needed
-                    regenerate(lay, ctx.seed, s, c, eps)
-                    if gq2 is not None:
-                        wb = torch.mul(eps, sd[cols], out=scratch(size, dtype, 2)).add_(m[cols])
-                else:  # recovered from the kept sample (see forward)
-                    wb = flat[s, cols]
-                    torch.sub(wb, m[cols], out=eps).div_(sd[cols])
-                # t = dL/dw_s of this block: the sample's gradient plus the prior term 2 gquad_s (w_s - loc)
-                t = scratch(size, dtype, 1)
-                if gq2 is not None:
-                    torch.sub(wb, loc_c, out=t).mul_(gq2[s])
-                    if g is not None:
-                        _into(t, g, s, lay, c, add=True)
-                elif g is not None:
-                    _into(t, g, s, lay, c, add=False)
+                # gb: dL/dw_s of this block as a view of the incoming gradient, in its shape
+                # (the vmapped F.linear's weight gradient arrives as a transpose; no copy).
+                gb = None if g is None else g[s, lay.rows(c)]
+                shape = (size,) if gb is None else gb.shape
+                if flat is None:  # regenerate eps (and, for the prior term, the sample bit for bit)
+                    x = regenerate(lay, ctx.seed, s, c, scratch(size, dtype, 0))
+                    wb = torch.mul(x, sd[cols], out=scratch(size, dtype, 2)).add_(m[cols]) if gq2 is not None else None
+                else:  # the kept sample; eps is recovered from the sums below
+                    x = wb = flat[s, cols]
+                if gq2 is not None:  # t = gb + 2 gquad_s (w_s - loc)
+                    t = torch.sub(wb, loc_c, out=scratch(size, dtype, 1)).mul_(gq2[s]).view(shape)
+                    if gb is not None:
+                        t.add_(gb)
+                elif gb is not None:
+                    t = gb
                 else:
-                    t.zero_()
-                gm.add_(t)
-                gs.add_(t.mul_(eps))
-            # gs is dL/dstd; dL/drho = (dL/dstd + glog / std) * sigmoid(rho)
+                    continue
+                gm.view(shape).add_(t)
+                acc.view(shape).addcmul_(t, x.view(shape))
+            if flat is not None:
+                # acc = sum_s t_s w_s; sum_s t_s eps_s = (acc - mean * sum_s t_s) / std, accurate to
+                # ~6e-8 |mean| / std relative to sum_s |t_s| in float32 (std >= RECOVER_RATIO |mean|)
+                acc.addcmul_(gm, m[cols], value=-1).div_(sd[cols])
+            # acc is dL/dstd; dL/drho = (dL/dstd + glog / std) * sigmoid(rho)
             if glog is not None:
-                gs.add_(torch.reciprocal(sd[cols], out=scratch(size, dtype, 2)).mul_(glog))
-            gs.mul_(torch.sigmoid(rho[cols], out=scratch(size, dtype, 0)))
+                acc.add_(torch.reciprocal(sd[cols], out=scratch(size, dtype, 2)).mul_(glog))
+            acc.mul_(torch.sigmoid(rho[cols], out=scratch(size, dtype, 0)))
 
         run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])
         return g_mean.view(ctx.shape), g_rho.view(ctx.shape), None, None, None
