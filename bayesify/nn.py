@@ -279,10 +279,10 @@ class VILayerNorm(VILayer, nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._own_noise():
-            if sampling_active() and self.weight is not None:
-                # Under vmap with per-sample affine parameters, layer_norm is decomposed and
-                # autograd keeps the normalised input as well; recompute it in backward instead.
-                return _LayerNormAffine.apply(input, self.weight, self.bias, tuple(self.normalized_shape), self.eps)
+            if sampling_active() and self.weight is not None and not isinstance(self.weight, nn.Parameter):
+                # Per-sample affine parameters (the sampler substituted them): under vmap,
+                # layer_norm is decomposed and autograd keeps the normalised input as well.
+                return _LayerNormAffine.apply(input, self.weight, self.bias, tuple(self.normalized_shape), self.eps)[0]
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         # An elementwise affine map: "local" and "flipout" both reduce to local
         # reparameterisation (independent noise per output element), which is cheap here.
@@ -300,31 +300,43 @@ class VILayerNorm(VILayer, nn.LayerNorm):
 
 
 class _LayerNormAffine(torch.autograd.Function):
-    """``F.layer_norm`` with weight and bias that keeps only its inputs for backward (the
-    backward recomputes the normalisation): under vmap with per-sample affine parameters
-    this saves one activation-sized tensor per LayerNorm (186 MB in a MiniLM training step)."""
+    """``F.layer_norm`` with weight (and bias) that keeps only its input and the per-row
+    statistics for backward. Under vmap with per-sample affine parameters PyTorch decomposes
+    layer_norm and autograd keeps the normalised input as well (186 MB in a MiniLM training
+    step); here backward recomputes it, and the input gradient comes from the fused
+    ``native_layer_norm_backward`` with the weight folded into the incoming gradient
+    (MiniLM-sized LayerNorm, 10 samples: forward + backward 62 -> 37 ms, plain autograd 31 ms)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, shape: tuple[int, ...], eps: float) -> Tensor:
-        return F.layer_norm(x, shape, weight, bias, eps)
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, shape: tuple[int, ...], eps: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, rstd = torch.native_layer_norm(x, shape, None, None, eps)
+        y = y * weight
+        return (y if bias is None else y + bias), mean, rstd
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
         x, weight, bias, shape, eps = inputs
-        ctx.save_for_backward(x, weight, bias)
-        ctx.shape, ctx.eps = shape, eps
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.shape, ctx.has_bias = shape, bias is not None
+        ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None, None]:
-        x, weight, bias = ctx.saved_tensors
-        if bias is None:
-            _, vjp = torch.func.vjp(lambda a, w: F.layer_norm(a, ctx.shape, w, None, ctx.eps), x, weight)
-            gx, gw = vjp(g)
-            return gx, gw, None, None, None
-        _, vjp = torch.func.vjp(lambda a, w, b: F.layer_norm(a, ctx.shape, w, b, ctx.eps), x, weight, bias)
-        gx, gw, gb = vjp(g)
+    def backward(ctx: Any, g: Tensor, _gmean: Tensor | None, _grstd: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        lead = tuple(range(x.dim() - len(ctx.shape)))
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.native_layer_norm_backward(g * weight, x, list(ctx.shape), mean, rstd, None, None,
+                                                           [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            gw = (g * ((x - mean) * rstd)).sum(lead)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(lead)
         return gx, gw, gb, None, None
 
 
