@@ -233,7 +233,6 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
         if isinstance(module, VILayer) or getattr(module, "_vi_sites", None):
             result.skipped.append(SkipEntry(name, tname, "already Bayesian"))
             continue
-        n_own = sum(p.numel() for _, p in own)
         if type(module) in mapping:
             if not selected:
                 result.skipped.append(SkipEntry(name, tname, "not selected by include/exclude"))

@@ -496,6 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny batches, 1 repeat, no memory runs: a smoke test")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--contenders", help="comma-separated contender names to run (the point model always runs: "
+                    "it is the reference); default: all")
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     ap.add_argument("--_memory", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
@@ -507,6 +509,14 @@ def main(argv: list[str] | None = None) -> dict:
     for n in names:
         if n not in WORKLOADS:
             ap.error(f"unknown workload {n!r}; choose from {', '.join(WORKLOADS)}")
+    chosen = None
+    if opts.contenders:
+        chosen = {c.strip() for c in opts.contenders.split(",") if c.strip()}
+        unknown = chosen - {c.name for c in CONTENDERS}
+        if unknown:
+            ap.error(f"unknown contender(s) {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(repr(c.name) for c in CONTENDERS)}")
+        chosen.add(CONTENDERS[0].name)
     repeats = 1 if opts.quick else opts.repeats
     env = {"torch": torch.__version__, "threads": opts.threads, "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "samples": SAMPLES, "repeats": repeats,
@@ -516,7 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict[str, Any] = {"env": env, "workloads": {}}
     for n in names:
         w = WORKLOADS[n]
-        contenders = [c for c in CONTENDERS if c.workloads is None or n in c.workloads]
+        contenders = [c for c in CONTENDERS if (c.workloads is None or n in c.workloads)
+                      and (chosen is None or c.name in chosen)]
         res = bench_workload(w, contenders, repeats, opts.quick)
         mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in contenders],
                                                                          opts.quick, opts.threads)
