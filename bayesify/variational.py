@@ -49,13 +49,17 @@ def _relative_rho(p: Tensor, init_std: float, min_std: float) -> Tensor:
     (the unchunked chain makes six full-size temporaries: most of a conversion's time)."""
     rho = torch.empty_like(p)
     src, dst = p.reshape(-1), rho.view(-1)
+    lo, hi = torch.aminmax(src) if src.numel() else (src.new_zeros(()), src.new_zeros(()))
+    large = max(-float(lo), float(hi)) * init_std > 20  # where inverse_softplus is the identity
 
     def chunk(c: slice) -> None:
         o = dst[c]
         torch.abs(src[c], out=o).mul_(init_std).clamp_min_(min_std)
-        tmp = scratch(o.numel(), o.dtype, 2)
-        torch.expm1(o, out=tmp).log_()
-        torch.where(o > 20, o, tmp, out=o)
+        if large:
+            tmp = torch.expm1(o, out=scratch(o.numel(), o.dtype, 2)).log_()
+            torch.where(o > 20, o, tmp, out=o)
+        else:
+            o.expm1_().log_()
 
     step = BLOCK
     run_parallel([lambda c=slice(i, i + step): chunk(c) for i in range(0, src.numel(), step)])

@@ -459,3 +459,16 @@ def test_meanfield_normal_kl_to_over_many_blocks_matches_autograd():
             torch.testing.assert_close(torch.autograd.grad(2.5 * got, (m, r)), torch.autograd.grad(2.5 * ref, (m, r)))
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("peak", [3.0, 500.0])  # with and without stds past softplus's linear threshold
+def test_relative_init_in_chunks_equals_inverse_softplus(peak):
+    from bayesify._normal import BLOCK
+
+    torch.manual_seed(3)
+    p = torch.randn(BLOCK // 64 * 3 + 5, 64)
+    p.view(-1)[::7919] = peak
+    p.view(-1)[::104729] = 0.0
+    q = MeanFieldNormal(init_std=0.1, relative=True, min_std=1e-4)
+    ref = inverse_softplus((p.abs() * 0.1).clamp_min(1e-4))
+    assert torch.equal(q.init(p)["rho"], ref)
