@@ -433,18 +433,31 @@ def _memory_child(workload: str, contender: str, quick: bool, threads: int) -> d
     return {"peak_mb": (peak - baseline) / 1024, "hwm_reset": resettable}
 
 
-def measure_memory(workload: str, names: list[str], quick: bool, threads: int) -> dict[str, dict]:
+def measure_memory(workload: str, names: list[str], quick: bool, threads: int, repeats: int = 1
+                   ) -> dict[str, dict]:
+    """Each contender's peak in ``repeats`` fresh subprocesses (glibc's heap makes the resident
+    peak vary by ~100 MB between identical runs of the MiniLM step); the median is reported."""
     out = {}
     for name in names:
         cmd = [sys.executable, __file__, "--_memory", workload, name, "--threads", str(threads)]
         if quick:
             cmd.append("--quick")
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            out[name] = json.loads(line[-1]) if line else {"error": f"fails: {proc.stderr.strip()[-200:]}"}
-        except subprocess.TimeoutExpired:
-            out[name] = {"error": "fails: timeout"}
+        runs: list[dict] = []
+        for _ in range(max(1, repeats)):
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                runs.append(json.loads(line[-1]) if line else {"error": f"fails: {proc.stderr.strip()[-200:]}"})
+            except subprocess.TimeoutExpired:
+                runs.append({"error": "fails: timeout"})
+            if "error" in runs[-1]:
+                break
+        if "error" in runs[-1]:
+            out[name] = runs[-1]
+        else:
+            peaks = [r["peak_mb"] for r in runs]
+            out[name] = {"peak_mb": statistics.median(peaks), "runs_mb": peaks,
+                         "hwm_reset": all(r["hwm_reset"] for r in runs)}
         print(f"  [{workload}] memory of {name}: {out[name]}", file=sys.stderr, flush=True)
     return out
 
@@ -496,6 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny batches, 1 repeat, no memory runs: a smoke test")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--memory-repeats", type=int, default=1, metavar="N",
+                    help="fresh subprocesses per contender for the peak memory (median reported)")
     ap.add_argument("--contenders", help="comma-separated contender names to run (the point model always runs: "
                     "it is the reference); default: all")
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
@@ -530,7 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
                       and (chosen is None or c.name in chosen)]
         res = bench_workload(w, contenders, repeats, opts.quick)
         mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in contenders],
-                                                                         opts.quick, opts.threads)
+                                                                         opts.quick, opts.threads,
+                                                                         opts.memory_repeats)
         print("\n" + table(w, res, mem) + "\n", flush=True)
         report["workloads"][n] = {
             "title": w.title, "batch": res["batch"],
