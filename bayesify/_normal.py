@@ -205,11 +205,20 @@ def meanfield_draw(mean: Tensor, rho: Tensor, loc: Tensor | float | None, n: int
     grad = torch.is_grad_enabled() and (mean.requires_grad or rho.requires_grad)
     if not grad and loc is None:
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
-        m, sd = mean.detach().reshape(-1), F.softplus(rho.detach()).reshape(-1)
+        m, sd = mean.detach().reshape(-1), _softplus(rho.detach().reshape(-1), 5)
         fill(w.view(n, -1), seed, lambda cols, b: b.mul_(sd[cols]).add_(m[cols]), lay)
         return w, None, None, None
     w, quad, sq, log_std = _MeanFieldDraw.apply(mean, rho, loc, lay, seed)
     return (w, None, None, None) if loc is None else (w, quad, sq, log_std)
+
+
+def _softplus(x: Tensor, slot: int) -> Tensor:
+    """``F.softplus(x)`` (flat) into this thread's scratch buffer ``slot``: no allocation per call
+    (per-tensor temporaries in backward fragment the heap while activations are alive); a
+    fresh tensor past ``4 * BLOCK`` elements, so no thread keeps a large buffer."""
+    if x.numel() > 4 * BLOCK:
+        return F.softplus(x)
+    return torch._C._nn.softplus(x, 1.0, 20.0, out=scratch(x.numel(), x.dtype, slot))
 
 
 def _recoverable(m: Tensor, sd: Tensor) -> bool:
@@ -231,7 +240,7 @@ class _MeanFieldDraw(torch.autograd.Function):
         n = lay.n
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
         m = mean.reshape(-1)
-        sd = F.softplus(rho).reshape(-1)  # not kept: backward recomputes it from rho
+        sd = _softplus(rho.reshape(-1), 5)  # not kept: backward recomputes it from rho, per block
         lc = _flat(loc)
 
         def per_block(cols: slice, b: Tensor) -> Tensor:
@@ -261,7 +270,6 @@ class _MeanFieldDraw(torch.autograd.Function):
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         w, loc_t, mean_t, rho_t = ctx.saved_tensors
         m, rho = mean_t.reshape(-1), rho_t.reshape(-1)
-        sd = F.softplus(rho)
         loc = _flat(loc_t) if loc_t is not None else ctx.loc
         lay = ctx.lay
         n = lay.n
@@ -278,6 +286,7 @@ class _MeanFieldDraw(torch.autograd.Function):
             cols = lay.cols(c)
             size = cols.stop - cols.start
             gm, acc = g_mean[cols].zero_(), g_rho[cols].zero_()
+            sd_c = _softplus(rho[cols], 3)
             loc_c = loc[cols] if isinstance(loc, Tensor) else loc
             for s in range(n):
                 # gb: dL/dw_s of this block as a view of the incoming gradient, in its shape
@@ -286,7 +295,7 @@ class _MeanFieldDraw(torch.autograd.Function):
                 shape = (size,) if gb is None else gb.shape
                 if flat is None:  # regenerate eps (and, for the prior term, the sample bit for bit)
                     x = regenerate(lay, ctx.seed, s, c, scratch(size, dtype, 0))
-                    wb = torch.mul(x, sd[cols], out=scratch(size, dtype, 2)).add_(m[cols]) if gq2 is not None else None
+                    wb = torch.mul(x, sd_c, out=scratch(size, dtype, 2)).add_(m[cols]) if gq2 is not None else None
                 else:  # the kept sample; eps is recovered from the sums below
                     x = wb = flat[s, cols]
                 if gq2 is not None:  # t = gb + 2 gquad_s (w_s - loc)
@@ -302,10 +311,10 @@ class _MeanFieldDraw(torch.autograd.Function):
             if flat is not None:
                 # acc = sum_s t_s w_s; sum_s t_s eps_s = (acc - mean * sum_s t_s) / std, accurate to
                 # ~6e-8 |mean| / std relative to sum_s |t_s| in float32 (std >= RECOVER_RATIO |mean|)
-                acc.addcmul_(gm, m[cols], value=-1).div_(sd[cols])
+                acc.addcmul_(gm, m[cols], value=-1).div_(sd_c)
             # acc is dL/dstd; dL/drho = (dL/dstd + glog / std) * sigmoid(rho)
             if glog is not None:
-                acc.add_(torch.reciprocal(sd[cols], out=scratch(size, dtype, 2)).mul_(glog))
+                acc.add_(torch.reciprocal(sd_c, out=scratch(size, dtype, 2)).mul_(glog))
             acc.mul_(torch.sigmoid(rho[cols], out=scratch(size, dtype, 0)))
 
         run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, distributions as D
 
 from ._choices import lookup, parse_shortcut
-from ._normal import BLOCK, meanfield_draw, run_parallel, scratch, standard_normal
+from ._normal import BLOCK, _softplus, meanfield_draw, run_parallel, scratch, standard_normal
 
 __all__ = ["VariationalFamily", "MeanFieldNormal", "PointMass", "get_variational", "VARIATIONAL"]
 
@@ -224,7 +224,7 @@ class _NormalKL(torch.autograd.Function):
         m, r, lc = mean.reshape(-1), rho.reshape(-1), loc.reshape(-1) if isinstance(loc, Tensor) else loc
 
         def part(cols: slice) -> Tensor:
-            s = F.softplus(r[cols])
+            s = _softplus(r[cols], 3)
             d = torch.sub(m[cols], lc[cols] if isinstance(lc, Tensor) else lc, out=scratch(s.numel(), s.dtype))
             return torch.stack([torch.dot(s, s) + torch.dot(d, d), s.log_().sum()])
 
@@ -248,9 +248,9 @@ class _NormalKL(torch.autograd.Function):
                 torch.sub(m[cols], lc[cols] if isinstance(lc, Tensor) else lc, out=g_mean[cols]).mul_(g * inv)
             if g_rho is not None:
                 # d/drho [s^2 / (2 scale^2) - log s] = (s / scale^2 - 1 / s) * sigmoid(rho)
-                s = F.softplus(r[cols])
+                s = _softplus(r[cols], 3)
                 out = torch.mul(s, inv, out=g_rho[cols])
-                out.sub_(s.reciprocal_()).mul_(torch.sigmoid(r[cols])).mul_(g)
+                out.sub_(s.reciprocal_()).mul_(torch.sigmoid(r[cols], out=scratch(s.numel(), s.dtype))).mul_(g)
 
         run_parallel([lambda c=c: part(c) for c in _blocks(m.numel())])
         return (None if g_mean is None else g_mean.view_as(mean), None if g_rho is None else g_rho.view_as(rho),
