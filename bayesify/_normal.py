@@ -58,7 +58,7 @@ def run_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
     if size == 1 or len(tasks) <= 1:
         return [t() for t in tasks]
     if _POOL["pid"] != os.getpid() or _POOL["size"] != size:  # a fork or a new thread count
-        _POOL.update(pid=os.getpid(), size=size, pool=ThreadPoolExecutor(size, thread_name_prefix="bayesify"))
+        _POOL.update(pid=os.getpid(), size=size, pool=_new_pool(size))
     grad = torch.is_grad_enabled()  # grad mode is per thread: carry the caller's over
 
     def call(t: Callable[[], Any]) -> Any:
@@ -66,6 +66,30 @@ def run_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
             return t()
 
     return list(_POOL["pool"].map(call, tasks))
+
+
+def _new_pool(size: int) -> ThreadPoolExecutor:
+    """``size`` workers whose own torch ops run single-threaded.
+
+    A worker's ops would otherwise each open an OpenMP team of ``torch.get_num_threads()``
+    threads: ``size`` x that many busy threads on ``size`` cores (the draws of a MiniLM
+    step ran ~25 % slower). ``torch.set_num_threads`` in a worker sets that thread's
+    OpenMP / MKL thread counts, and also the process-wide default that new threads start
+    from; once every worker has started, the caller's count is set again for that default."""
+    caller = torch.get_num_threads()
+    started = threading.Barrier(size + 1)
+
+    def init() -> None:
+        torch.get_num_threads()  # ATen's lazy per-thread init first, or it later resets the count
+        torch.set_num_threads(1)
+        started.wait(60)
+
+    pool = ThreadPoolExecutor(size, thread_name_prefix="bayesify", initializer=init)
+    for _ in range(size):  # start every worker now (an executor starts them on demand)
+        pool.submit(lambda: None)
+    started.wait(60)
+    torch.set_num_threads(caller)
+    return pool
 
 
 def _generator() -> torch.Generator:
@@ -96,8 +120,9 @@ class Layout:
     also a slice ``[r0:r1]`` of the tensor whatever its strides. Block ``(s, c)`` of
     global sample ``s`` has index ``s * chunks + c``: it does not depend on how many
     samples are drawn at once, so drawing samples in chunks gives the same noise.
-    Column ranges are the parallel tasks, so two tasks never touch the same columns
-    (no races when reducing over samples).
+    Parallel tasks are column ranges (times sample groups where a tensor has fewer column
+    ranges than threads: see :func:`sample_groups`); a reduction over samples never has two
+    tasks writing the same columns of one buffer.
     """
 
     def __init__(self, n: int, numel: int, row: int = 1, offset: int = 0) -> None:
@@ -138,17 +163,28 @@ def fill(flat: Tensor, seed: int, per_block: Callable[[slice, Tensor], Any] | No
     """
     lay = Layout(*flat.shape) if lay is None else lay
 
-    def task(c: int) -> list[Any]:
+    def task(c: int, samples: range) -> list[Any]:
         cols = lay.cols(c)
         res = []
-        for s in range(lay.n):
+        for s in samples:
             block = flat[s, cols]
             _fill(block, seed + lay.index(s, c))
             if per_block is not None:
                 res.append(per_block(cols, block))
         return res
 
-    return run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])
+    groups = sample_groups(lay)
+    parts = run_parallel([lambda c=c, g=g: task(c, g) for c in range(lay.chunks) for g in groups])
+    k = len(groups)
+    return [[r for part in parts[c * k:(c + 1) * k] for r in part] for c in range(lay.chunks)]
+
+
+def sample_groups(lay: Layout) -> list[range]:
+    """Sample ranges that, with the column chunks, give every worker a task (a tensor of one
+    chunk, say 384 x 384, is otherwise drawn on one thread)."""
+    k = max(1, min(lay.n, -(-_threads() // lay.chunks)))
+    step = -(-lay.n // k)
+    return [range(i, min(i + step, lay.n)) for i in range(0, lay.n, step)]
 
 
 def regenerate(lay: Layout, seed: int, s: int, c: int, out: Tensor) -> Tensor:
@@ -282,13 +318,15 @@ class _MeanFieldDraw(torch.autograd.Function):
         g_mean = mean_t.new_empty(lay.numel)
         g_rho = mean_t.new_empty(lay.numel)
 
-        def task(c: int) -> None:
+        def accumulate(c: int, samples: range, gm_buf: Tensor, acc_buf: Tensor) -> Tensor:
+            """Over ``samples`` of block column ``c``: gm = sum_s t_s, acc = sum_s t_s w_s (kept
+            sample) or sum_s t_s eps_s (regenerated), t_s = dL/dw_s. Returns std of the block."""
             cols = lay.cols(c)
             size = cols.stop - cols.start
-            gm, acc = g_mean[cols].zero_(), g_rho[cols].zero_()
+            gm, acc = gm_buf[cols].zero_(), acc_buf[cols].zero_()
             sd_c = _softplus(rho[cols], 3)
             loc_c = loc[cols] if isinstance(loc, Tensor) else loc
-            for s in range(n):
+            for s in samples:
                 # gb: dL/dw_s of this block as a view of the incoming gradient, in its shape
                 # (the vmapped F.linear's weight gradient arrives as a transpose; no copy).
                 gb = None if g is None else g[s, lay.rows(c)]
@@ -296,7 +334,7 @@ class _MeanFieldDraw(torch.autograd.Function):
                 if flat is None:  # regenerate eps (and, for the prior term, the sample bit for bit)
                     x = regenerate(lay, ctx.seed, s, c, scratch(size, dtype, 0))
                     wb = torch.mul(x, sd_c, out=scratch(size, dtype, 2)).add_(m[cols]) if gq2 is not None else None
-                else:  # the kept sample; eps is recovered from the sums below
+                else:  # the kept sample; eps is recovered from the sums (finish)
                     x = wb = flat[s, cols]
                 if gq2 is not None:  # t = gb + 2 gquad_s (w_s - loc)
                     t = torch.sub(wb, loc_c, out=scratch(size, dtype, 1)).mul_(gq2[s]).view(shape)
@@ -308,14 +346,29 @@ class _MeanFieldDraw(torch.autograd.Function):
                     continue
                 gm.view(shape).add_(t)
                 acc.view(shape).addcmul_(t, x.view(shape))
+            return sd_c
+
+        def finish(c: int, sd_c: Tensor) -> None:
+            cols = lay.cols(c)
+            gm, acc = g_mean[cols], g_rho[cols]
             if flat is not None:
                 # acc = sum_s t_s w_s; sum_s t_s eps_s = (acc - mean * sum_s t_s) / std, accurate to
                 # ~6e-8 |mean| / std relative to sum_s |t_s| in float32 (std >= RECOVER_RATIO |mean|)
                 acc.addcmul_(gm, m[cols], value=-1).div_(sd_c)
             # acc is dL/dstd; dL/drho = (dL/dstd + glog / std) * sigmoid(rho)
             if glog is not None:
-                acc.add_(torch.reciprocal(sd_c, out=scratch(size, dtype, 2)).mul_(glog))
-            acc.mul_(torch.sigmoid(rho[cols], out=scratch(size, dtype, 0)))
+                acc.add_(torch.reciprocal(sd_c, out=scratch(sd_c.numel(), dtype, 2)).mul_(glog))
+            acc.mul_(torch.sigmoid(rho[cols], out=scratch(sd_c.numel(), dtype, 0)))
 
-        run_parallel([lambda c=c: task(c) for c in range(lay.chunks)])
+        groups = sample_groups(lay)
+        if len(groups) == 1:  # one task per block column, each reducing over all samples
+            run_parallel([lambda c=c: finish(c, accumulate(c, groups[0], g_mean, g_rho)) for c in range(lay.chunks)])
+        else:  # few block columns: sample groups reduce into their own buffers, summed after
+            bufs = [(g_mean, g_rho)] + [(torch.empty_like(g_mean), torch.empty_like(g_rho)) for _ in groups[1:]]
+            run_parallel([lambda c=c, i=i: accumulate(c, groups[i], *bufs[i])
+                          for c in range(lay.chunks) for i in range(len(groups))])
+            for gm_i, acc_i in bufs[1:]:
+                g_mean.add_(gm_i)
+                g_rho.add_(acc_i)
+            run_parallel([lambda c=c: finish(c, _softplus(rho[lay.cols(c)], 3)) for c in range(lay.chunks)])
         return g_mean.view(ctx.shape), g_rho.view(ctx.shape), None, None, None

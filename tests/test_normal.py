@@ -153,3 +153,22 @@ def test_recovered_eps_is_accurate_in_float32():
         assert ((gr.double() - ref).abs() <= 1e-3 * sig * (g_out.abs().sum(0).double() + 1e-6)).all()
     finally:
         torch.set_num_threads(prev)
+
+
+def test_pool_workers_run_single_threaded_ops_without_changing_the_callers_count():
+    import threading
+
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x = torch.randn(100_000)
+        counts = _normal.run_parallel([lambda: float((x * 2).sum()) and torch.get_num_threads() for _ in range(4)])
+        assert counts == [1, 1, 1, 1]  # no OpenMP team per worker: 2 workers on 2 cores, not 4 threads
+        assert torch.get_num_threads() == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]  # the process-wide default new threads start from is the caller's again
+    finally:
+        torch.set_num_threads(prev)
