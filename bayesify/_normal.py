@@ -340,8 +340,8 @@ class _MeanFieldDraw(torch.autograd.Function):
                     t = torch.sub(wb, loc_c, out=scratch(size, dtype, 1)).mul_(gq2[s]).view(shape)
                     if gb is not None:
                         t.add_(gb)
-                elif gb is not None:
-                    t = gb
+                elif gb is not None:  # strided (a transpose): read it once into a contiguous block
+                    t = gb if gb.is_contiguous() else scratch(size, dtype, 1).view(shape).copy_(gb)
                 else:
                     continue
                 gm.view(shape).add_(t)
