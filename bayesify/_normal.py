@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BLOCK", "Layout", "draw_seed", "fill", "meanfield_draw", "regenerate", "run_parallel", "scratch",
-           "standard_normal"]
+__all__ = ["BLOCK", "Layout", "blocks", "draw_seed", "fill", "meanfield_draw", "regenerate", "run_parallel",
+           "scratch", "softplus_scratch", "standard_normal"]
 
 #: Elements per block: large enough that Python overhead is negligible, small enough to
 #: stay in cache for the fused work done on each block.
@@ -97,6 +97,11 @@ def _generator() -> torch.Generator:
     if g is None:
         g = _LOCAL.gen = torch.Generator()
     return g
+
+
+def blocks(numel: int) -> list[slice]:
+    """``[0, numel)`` cut into slices of ``BLOCK`` elements (one empty slice for ``numel == 0``)."""
+    return [slice(i, min(i + BLOCK, numel)) for i in range(0, max(numel, 1), BLOCK)]
 
 
 def scratch(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
@@ -241,14 +246,14 @@ def meanfield_draw(mean: Tensor, rho: Tensor, loc: Tensor | float | None, n: int
     grad = torch.is_grad_enabled() and (mean.requires_grad or rho.requires_grad)
     if not grad and loc is None:
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
-        m, sd = mean.detach().reshape(-1), _softplus(rho.detach().reshape(-1), 5)
+        m, sd = mean.detach().reshape(-1), softplus_scratch(rho.detach().reshape(-1), 5)
         fill(w.view(n, -1), seed, lambda cols, b: b.mul_(sd[cols]).add_(m[cols]), lay)
         return w, None, None, None
     w, quad, sq, log_std = _MeanFieldDraw.apply(mean, rho, loc, lay, seed)
     return (w, None, None, None) if loc is None else (w, quad, sq, log_std)
 
 
-def _softplus(x: Tensor, slot: int) -> Tensor:
+def softplus_scratch(x: Tensor, slot: int) -> Tensor:
     """``F.softplus(x)`` (flat) into this thread's scratch buffer ``slot``: no allocation per call
     (per-tensor temporaries in backward fragment the heap while activations are alive); a
     fresh tensor past ``4 * BLOCK`` elements, so no thread keeps a large buffer."""
@@ -276,7 +281,7 @@ class _MeanFieldDraw(torch.autograd.Function):
         n = lay.n
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
         m = mean.reshape(-1)
-        sd = _softplus(rho.reshape(-1), 5)  # not kept: backward recomputes it from rho, per block
+        sd = softplus_scratch(rho.reshape(-1), 5)  # not kept: backward recomputes it from rho, per block
         lc = _flat(loc)
 
         def per_block(cols: slice, b: Tensor) -> Tensor:
@@ -324,7 +329,7 @@ class _MeanFieldDraw(torch.autograd.Function):
             cols = lay.cols(c)
             size = cols.stop - cols.start
             gm, acc = gm_buf[cols].zero_(), acc_buf[cols].zero_()
-            sd_c = _softplus(rho[cols], 3)
+            sd_c = softplus_scratch(rho[cols], 3)
             loc_c = loc[cols] if isinstance(loc, Tensor) else loc
             for s in samples:
                 # gb: dL/dw_s of this block as a view of the incoming gradient, in its shape
@@ -370,5 +375,5 @@ class _MeanFieldDraw(torch.autograd.Function):
             for gm_i, acc_i in bufs[1:]:
                 g_mean.add_(gm_i)
                 g_rho.add_(acc_i)
-            run_parallel([lambda c=c: finish(c, _softplus(rho[lay.cols(c)], 3)) for c in range(lay.chunks)])
+            run_parallel([lambda c=c: finish(c, softplus_scratch(rho[lay.cols(c)], 3)) for c in range(lay.chunks)])
         return g_mean.view(ctx.shape), g_rho.view(ctx.shape), None, None, None

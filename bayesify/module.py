@@ -65,11 +65,11 @@ def check_samples(samples: Any) -> int:
     return samples
 
 
-def check_chunk_size(chunk_size: Any) -> int | None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+def check_optional_positive_int(name: str, value: Any) -> int | None:
+    """``value`` if it is None or a positive int, else a ValueError naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
 
 
 class VIModule(nn.Module):
@@ -109,7 +109,7 @@ class VIModule(nn.Module):
         if self._means_outside_sampling and samples is None and generator is None and chunk_size is None:
             return super().__call__(*args, **kwargs)  # the parameters hold the posterior means
         n = DEFAULT_SAMPLES if samples is None else check_samples(samples)
-        check_chunk_size(chunk_size)
+        check_optional_positive_int("chunk_size", chunk_size)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         with _fsdp_gathered(self):

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._choices import lookup
 from .loss import LIKELIHOODS, first_tensor
-from .module import VIModule, check_chunk_size, check_samples
+from .module import VIModule, check_optional_positive_int, check_samples
 from .sites import iter_sites
 
 __all__ = ["predict", "Prediction"]
@@ -277,12 +277,10 @@ def predict(
                         f"got {type(model).__name__}")
     n = check_samples(samples)
     kind = lookup("likelihood", likelihood, LIKELIHOODS)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    check_optional_positive_int("batch_size", batch_size)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    check_chunk_size(chunk_size)
+    check_optional_positive_int("chunk_size", chunk_size)
     noise_var = _noise_variance(noise_std, kind)
     calls, total = _batches(x, batch_size, _model_device(model))
 

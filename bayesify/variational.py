@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, distributions as D
 
 from ._choices import lookup, parse_shortcut
-from ._normal import BLOCK, _softplus, meanfield_draw, run_parallel, scratch, standard_normal
+from ._normal import blocks, meanfield_draw, run_parallel, scratch, softplus_scratch, standard_normal
 
 __all__ = ["VariationalFamily", "MeanFieldNormal", "PointMass", "get_variational", "VARIATIONAL"]
 
@@ -61,8 +61,7 @@ def _relative_rho(p: Tensor, init_std: float, min_std: float) -> Tensor:
         else:
             o.expm1_().log_()
 
-    step = BLOCK
-    run_parallel([lambda c=slice(i, i + step): chunk(c) for i in range(0, src.numel(), step)])
+    run_parallel([lambda c=c: chunk(c) for c in blocks(src.numel())])
     return rho
 
 
@@ -224,11 +223,11 @@ class _NormalKL(torch.autograd.Function):
         m, r, lc = mean.reshape(-1), rho.reshape(-1), loc.reshape(-1) if isinstance(loc, Tensor) else loc
 
         def part(cols: slice) -> Tensor:
-            s = _softplus(r[cols], 3)
+            s = softplus_scratch(r[cols], 3)
             d = torch.sub(m[cols], lc[cols] if isinstance(lc, Tensor) else lc, out=scratch(s.numel(), s.dtype))
             return torch.stack([torch.dot(s, s) + torch.dot(d, d), s.log_().sum()])
 
-        sums = torch.stack(run_parallel([lambda c=c: part(c) for c in _blocks(m.numel())])).sum(0)
+        sums = torch.stack(run_parallel([lambda c=c: part(c) for c in blocks(m.numel())])).sum(0)
         ctx.save_for_backward(mean, rho, loc if isinstance(loc, Tensor) else None)
         ctx.loc, ctx.scale = (None if isinstance(loc, Tensor) else loc), scale
         return sums[0] / (2 * scale ** 2) - sums[1] + mean.numel() * (math.log(scale) - 0.5)
@@ -248,17 +247,13 @@ class _NormalKL(torch.autograd.Function):
                 torch.sub(m[cols], lc[cols] if isinstance(lc, Tensor) else lc, out=g_mean[cols]).mul_(g * inv)
             if g_rho is not None:
                 # d/drho [s^2 / (2 scale^2) - log s] = (s / scale^2 - 1 / s) * sigmoid(rho)
-                s = _softplus(r[cols], 3)
+                s = softplus_scratch(r[cols], 3)
                 out = torch.mul(s, inv, out=g_rho[cols])
                 out.sub_(s.reciprocal_()).mul_(torch.sigmoid(r[cols], out=scratch(s.numel(), s.dtype))).mul_(g)
 
-        run_parallel([lambda c=c: part(c) for c in _blocks(m.numel())])
+        run_parallel([lambda c=c: part(c) for c in blocks(m.numel())])
         return (None if g_mean is None else g_mean.view_as(mean), None if g_rho is None else g_rho.view_as(rho),
                 None, None)
-
-
-def _blocks(numel: int) -> list[slice]:
-    return [slice(i, min(i + BLOCK, numel)) for i in range(0, max(numel, 1), BLOCK)]
 
 
 class PointMass(VariationalFamily):
