@@ -24,15 +24,17 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._normal import draw_seed
+from ._normal import SampleRecompute, draw_seed
 from .sites import Site, analytic_kl, iter_sites
 
 __all__ = ["VIModule", "sampling_active", "vi_attributes", "DEFAULT_SAMPLES"]
@@ -99,21 +101,27 @@ class VIModule(nn.Module):
     _means_outside_sampling: bool = False
 
     def __call__(self, *args: Any, samples: int | None = None, generator: torch.Generator | None = None,
-                 chunk_size: int | None = None, **kwargs: Any) -> Any:
+                 chunk_size: int | None = None, recompute_samples: bool = False, **kwargs: Any) -> Any:
         if sampling_active():
-            if samples is not None:
+            if samples is not None or recompute_samples is not False:
                 raise ValueError(
-                    "samples= is owned by the outermost VIModule; do not pass it to an inner module"
+                    "samples= and recompute_samples= are owned by the outermost VIModule; "
+                    "do not pass them to an inner module"
                 )
             return super().__call__(*args, **kwargs)
-        if self._means_outside_sampling and samples is None and generator is None and chunk_size is None:
+        if (self._means_outside_sampling and samples is None and generator is None and chunk_size is None
+                and recompute_samples is False):
             return super().__call__(*args, **kwargs)  # the parameters hold the posterior means
         n = DEFAULT_SAMPLES if samples is None else check_samples(samples)
         check_optional_positive_int("chunk_size", chunk_size)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        with _fsdp_gathered(self):
-            return self._sampled_call(args, kwargs, n, generator, chunk_size)
+        if not isinstance(recompute_samples, bool):
+            raise TypeError(f"recompute_samples must be True or False, got {recompute_samples!r}")
+        # recompute_samples: no weight sample is kept for backward; backward draws it again.
+        rec = SampleRecompute() if recompute_samples and torch.is_grad_enabled() else None
+        with _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
+            return self._sampled_call(args, kwargs, n, generator, chunk_size, rec)
 
     # -- sites -----------------------------------------------------------------------------
     def bayesian_sites(self) -> list[Site]:
@@ -130,17 +138,22 @@ class VIModule(nn.Module):
     # it would only recompile per tensor shape. The model's own forward is what compiles.
     @torch.compiler.disable
     def _draw(self, n: int, generator: torch.Generator | None, with_logp: bool,
-              seeds: dict[str, int] | None = None, offset: int = 0
-              ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+              seeds: dict[str, int] | None = None, offset: int = 0,
+              defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] | None = None) -> tuple[Any, Any, Any, Tensor]:
         """Weight samples by qualified name, and log prior / log q ``(n,)`` and analytic KL.
 
         ``seeds`` (filled on first use, one draw from ``generator`` per sampled tensor) and
         ``offset`` select samples ``offset .. offset + n`` of one call's noise, for families
         that draw block-seeded noise (``chunked_draws``); others draw afresh from ``generator``.
+
+        ``defer`` (a dict): seeded sites are not drawn but left there as callables, to be drawn
+        where the forward first uses them (``recompute_samples``); then the second and third
+        items are the per-site log-density terms and zeros, for :func:`_fold`.
         """
         seeds = {} if seeds is None else seeds
         weights: dict[str, Tensor] = {}
-        log_p = log_q = kl = None
+        terms: list[Any] = []  # per site, in site order: (log p, log q or None), or a deferred site's name
+        kl = None
         tied = _tied_ids(self)
         for site in iter_sites(self):
             spec, mean = site.spec, site.mean
@@ -153,25 +166,30 @@ class VIModule(nn.Module):
                 continue
             if spec.variational.deterministic:
                 if with_logp:
-                    lp = spec.prior.log_prob(mean, site.pbuffers()).sum().expand(n)
-                    log_p = lp if log_p is None else log_p + lp
+                    terms.append((spec.prior.log_prob(mean, site.pbuffers()).sum().expand(n), None))
                 continue
             extra = {}
             if spec.variational.chunked_draws:
                 if site.qualname not in seeds:
                     seeds[site.qualname] = draw_seed(generator)
                 extra = {"seed": seeds[site.qualname], "offset": offset}
-            w, lp, lq = spec.variational.sample_with_prior(mean, site.vparams(), spec.prior, site.pbuffers(),
-                                                           n, generator, with_logp, **extra)
+            sample = partial(spec.variational.sample_with_prior, mean, site.vparams(), spec.prior,
+                             site.pbuffers(), n, generator, with_logp, **extra)
+            if defer is not None and spec.variational.chunked_draws:
+                defer[site.qualname] = sample  # seeded: drawn at first use, the same samples
+                terms.append(site.qualname)
+                continue
+            w, lp, lq = sample()
             weights[site.qualname] = w
             if with_logp:
-                log_p = lp if log_p is None else log_p + lp
-                log_q = lq if log_q is None else log_q + lq
+                terms.append((lp, lq))
         ref = next(iter(self.parameters()), torch.zeros(()))
         zeros = torch.zeros(n, dtype=torch.float32 if not ref.is_floating_point() else ref.dtype,
                             device=ref.device)
-        return (weights, zeros if log_p is None else log_p, zeros if log_q is None else log_q,
-                zeros.new_zeros(()) if kl is None else kl)
+        kl = zeros.new_zeros(()) if kl is None else kl
+        if defer is not None:
+            return weights, terms, zeros, kl  # summed by _fold once the deferred sites are drawn
+        return (weights, *_fold(terms, {}, zeros), kl)
 
     def _batchnorm_state(self, n: int) -> tuple[dict[str, Tensor], list[tuple[nn.Module, str, Tensor, str]]]:
         """Per-sample copies of BatchNorm running statistics updated in this forward."""
@@ -192,18 +210,20 @@ class VIModule(nn.Module):
                    ) -> list[tuple[dict, str, str]]:
         """Every (tensor store, attribute, sample key) to substitute: tied parameters and modules
         registered under several names are each swapped exactly once."""
-        key_of = {id(self.get_parameter(k)): k for k in weights}
-        locs: list[tuple[dict, str, str]] = []
-        if key_of:
-            for mod in self.modules():
-                for attr, p in mod._parameters.items():
-                    if p is not None and id(p) in key_of:
-                        locs.append((mod._parameters, attr, key_of[id(p)]))
+        locs: list[tuple[dict, str, str]] = [(mod._parameters, attr, key) for mod, attr, key in self._slots(weights)]
         locs += [(mod._buffers, key, qual) for mod, key, _, qual in writeback]
         return locs
 
+    def _slots(self, keys: Iterable[str]) -> list[tuple[nn.Module, str, str]]:
+        """Every (module, parameter attribute, key) holding the parameters named ``keys``."""
+        key_of = {id(self.get_parameter(k)): k for k in keys}
+        if not key_of:
+            return []
+        return [(mod, attr, key_of[id(p)]) for mod in self.modules() for attr, p in mod._parameters.items()
+                if p is not None and id(p) in key_of]
+
     def _sampled_call(self, args: tuple, kwargs: dict, n: int, generator: torch.Generator | None,
-                      chunk_size: int | None) -> Any:
+                      chunk_size: int | None, recompute: SampleRecompute | None = None) -> Any:
         with_logp = self.training
         seeds: dict[str, int] = {}
         structure: dict[str, Any] = {}
@@ -213,7 +233,11 @@ class VIModule(nn.Module):
         step = n if chunk_size is None else min(chunk_size, n)
         # The weights' seeds come off the generator before the in-forward seed (so `_draw(n, g)`
         # alone reproduces a call's weights): draw the first chunk first.
-        drawn = self._draw(step, generator, with_logp, seeds, 0)
+        # recompute_samples: seeded sites are drawn where the forward first uses them (see
+        # _evaluate), so no sample outlives its use; ``defer`` holds their draws, per chunk.
+        lazy = recompute is not None
+        defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] = {}
+        drawn = self._draw(step, generator, with_logp, seeds, 0, defer if lazy else None)
         # In-forward randomness (dropout, local reparameterisation) follows the explicit
         # generator when one is given, and the global RNG otherwise.
         rng = nullcontext()
@@ -231,12 +255,24 @@ class VIModule(nn.Module):
             for start in range(0, n, step):
                 k = min(step, n - start)
                 if drawn is None:
-                    drawn = self._draw(k, generator, with_logp, seeds, start)
+                    defer = {}
+                    drawn = self._draw(k, generator, with_logp, seeds, start, defer if lazy else None)
                 weights, log_p, log_q, chunk_kl = drawn
                 kl = chunk_kl if kl is None else kl  # the closed-form part does not depend on the draws
+                if not lazy:
+                    tensors, writeback = self._evaluate(args, kwargs, k, weights, structure)
+                else:
+                    sink: dict[str, tuple[Any, Any]] = {}  # (log p, log q) of each deferred site drawn
+                    tensors, writeback = self._evaluate(args, kwargs, k, weights, structure, defer, sink)
+                    if with_logp:
+                        for q, draw in defer.items():
+                            if q not in sink:  # not used by this forward: drawn for its log densities
+                                sink[q] = draw()[1:]
+                        log_p, log_q = _fold(log_p, sink, log_q)
+                    assert recompute is not None
+                    recompute.release()  # views saved of this chunk's samples keep their recipes
                 lps.append(log_p)
                 lqs.append(log_q)
-                tensors, writeback = self._evaluate(args, kwargs, k, weights, structure)
                 del weights
                 drawn = None  # the next chunk draws its own; this one's samples can go
                 parts.append(tensors)
@@ -265,15 +301,23 @@ class VIModule(nn.Module):
                     t.grad_fn.metadata[_VI_KEY] = (lp, kl, self.kl_divergence)
         return tree_unflatten(leaves, structure["spec"])
 
-    def _evaluate(self, args: tuple, kwargs: dict, n: int, weights: dict[str, Tensor], structure: dict[str, Any]
+    def _evaluate(self, args: tuple, kwargs: dict, n: int, weights: dict[str, Tensor], structure: dict[str, Any],
+                  defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] | None = None,
+                  sink: dict[str, tuple[Any, Any]] | None = None,
                   ) -> tuple[list[Tensor], list[tuple[nn.Module, str, Tensor, str]]]:
-        """The forward for ``n`` drawn weight sets: one vmap call, or a loop where vmap cannot run."""
+        """The forward for ``n`` drawn weight sets: one vmap call, or a loop where vmap cannot run.
+
+        ``defer``: sites drawn at their first use inside the vmapped forward (their log densities
+        go to ``sink``); the loop fallback draws them all first.
+        """
         bn_batched, writeback = self._batchnorm_state(n)
         batched = {**weights, **bn_batched}
         locations = self._locations(weights, writeback)
+        lazy_slots = self._slots(defer) if defer else []
 
         def one(sample_tensors: dict[str, Tensor], _index: Tensor | None = None) -> list[Tensor]:
-            with _swapped(locations, sample_tensors):
+            lazy = nullcontext() if not lazy_slots else _drawn_at_use(lazy_slots, _index, defer, sink)
+            with _swapped(locations, sample_tensors), lazy:
                 out = self(*args, **kwargs)
             leaves, spec = tree_flatten(out)
             structure["spec"] = spec
@@ -290,8 +334,15 @@ class VIModule(nn.Module):
                     raise
                 self._vmap_failure = reason
                 bn_batched, writeback = self._batchnorm_state(n)  # discard partial updates
-                batched = {**weights, **bn_batched}
-                locations = self._locations(weights, writeback)
+        if lazy_slots:  # the loop needs every sample up front (the same seeds: the same samples)
+            assert defer is not None and sink is not None
+            weights = dict(weights)
+            for q, draw in defer.items():
+                weights[q], *logp = draw()
+                sink[q] = tuple(logp)
+            lazy_slots = []
+        batched = {**weights, **bn_batched}
+        locations = self._locations(weights, writeback)
         warnings.warn(
             f"{type(self).__name__}: torch.vmap cannot run this model ({self._vmap_failure}); "
             f"evaluating the {n} samples one by one (slower, same result)",
@@ -299,6 +350,92 @@ class VIModule(nn.Module):
         )
         per = [one({k: v[i] for k, v in batched.items()}) for i in range(n)]
         return [torch.stack(col) for col in zip(*per)], writeback
+
+
+def _fold(terms: list[Any], drawn: dict[str, tuple[Any, Any]], zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log p, log q)`` summed over the sites' terms in site order (a deferred site's name is
+    looked up in ``drawn``); ``zeros`` where there is none."""
+    log_p = log_q = None
+    for t in terms:
+        lp, lq = drawn[t] if isinstance(t, str) else t
+        log_p = lp if log_p is None else log_p + lp
+        if lq is not None:
+            log_q = lq if log_q is None else log_q + lq
+    return zeros if log_p is None else log_p, zeros if log_q is None else log_q
+
+
+class _LazyParameters(dict):
+    """A module's ``_parameters`` for one vmapped forward: reading a deferred site (``module.weight``
+    goes through ``__getitem__``) draws its samples then, as a tensor batched over the samples.
+    Iteration still sees the means (``next(module.parameters()).dtype`` and the like)."""
+
+    def __init__(self, base: dict, getters: dict[str, Callable[[], Tensor]]) -> None:
+        super().__init__(base)
+        self._getters = getters
+
+    def __getitem__(self, key: str) -> Any:
+        get = self._getters.get(key)
+        return get() if get is not None else dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
+class _UseDraw(torch.autograd.Function):
+    """Draws one site's samples inside ``torch.vmap``: its vmap rule runs ``draw()`` on the
+    unbatched parameters (one vectorised, seeded draw of all samples, recorded by autograd as
+    usual) and hands the ``(S, *shape)`` result back to vmap as a batched tensor."""
+
+    @staticmethod
+    def forward(index: Tensor, draw: Callable[[], Tensor]) -> Tensor:
+        raise RuntimeError("bayesify draws a deferred weight sample only inside torch.vmap")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, index: Tensor, draw: Callable[[], Tensor]) -> tuple[Tensor, int]:
+        return draw(), 0
+
+
+@contextmanager
+def _drawn_at_use(slots: list[tuple[nn.Module, str, str]], index: Tensor | None,
+                  defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] | None,
+                  sink: dict[str, tuple[Any, Any]] | None) -> Iterator[None]:
+    """Deferred sites are drawn when the forward reads them. A sample is reused while something
+    still holds it (a weight read twice in one forward); once dropped it is not kept (that is
+    the point), and a later read draws it again: the same seeds give the same samples, and
+    autograd sums both reads' gradients."""
+    assert index is not None and defer is not None and sink is not None
+    held: dict[str, weakref.ref] = {}
+
+    def getter(key: str) -> Callable[[], Tensor]:
+        def draw() -> Tensor:  # runs outside vmap's batching: plain tensors
+            w, *logp = defer[key]()
+            sink.setdefault(key, tuple(logp))
+            return w
+
+        def get() -> Tensor:
+            w = held[key]() if key in held else None
+            if w is None:
+                w = _UseDraw.apply(index, draw)  # (operands are pytree-mapped: no dict among them)
+                held[key] = weakref.ref(w)
+            return w
+        return get
+
+    by_module: dict[int, tuple[nn.Module, dict[str, Callable[[], Tensor]]]] = {}
+    for mod, attr, key in slots:
+        by_module.setdefault(id(mod), (mod, {}))[1][attr] = getter(key)
+    swapped = []
+    try:
+        for mod, getters in by_module.values():
+            swapped.append((mod, mod.__dict__["_parameters"]))
+            mod.__dict__["_parameters"] = _LazyParameters(mod._parameters, getters)
+        yield
+    finally:
+        for mod, params in reversed(swapped):
+            mod.__dict__["_parameters"] = params
 
 
 _VI_KEY = "bayesify.vi"

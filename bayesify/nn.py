@@ -279,11 +279,12 @@ class VILayerNorm(VILayer, nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._own_noise():
-            if sampling_active() and self.weight is not None and not isinstance(self.weight, nn.Parameter):
+            weight, bias = self.weight, self.bias  # read once: with recompute_samples a read draws
+            if sampling_active() and weight is not None and not isinstance(weight, nn.Parameter):
                 # Per-sample affine parameters (the sampler substituted them): under vmap,
                 # layer_norm is decomposed and autograd keeps the normalised input as well.
-                return _LayerNormAffine.apply(input, self.weight, self.bias, tuple(self.normalized_shape), self.eps)[0]
-            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+                return _LayerNormAffine.apply(input, weight, bias, tuple(self.normalized_shape), self.eps)[0]
+            return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
         # An elementwise affine map: "local" and "flipout" both reduce to local
         # reparameterisation (independent noise per output element), which is cheap here.
         y = F.layer_norm(input, self.normalized_shape, None, None, self.eps)

@@ -233,6 +233,13 @@ class BayesifyRunner(Runner):
         return self.loss_fn(self.forward(), self.y)
 
 
+class RecomputeRunner(BayesifyRunner):
+    """The default conversion trained with ``recompute_samples=True`` (no weight sample kept for backward)."""
+
+    def forward(self) -> Any:
+        return self.model(*self.args, samples=SAMPLES, recompute_samples=True)
+
+
 class TorchBlueRunner(Runner):
     def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
         from torch_blue import vi
@@ -307,6 +314,8 @@ CONTENDERS = [
     Contender("ref: point, layers twice", _twice, PointRunner,
               "reference: the point model on 10xB with every Linear/Conv2d also run on x*x (local/flipout arithmetic)"),
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
+    Contender("bayesify recompute", _bayesify(None), RecomputeRunner,
+              "bf.bayesify(model), forward with recompute_samples=True"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),
     Contender("bayesify flipout", _bayesify("flipout"), BayesifyRunner, "estimator='flipout'"),
     Contender("bayesify, torch.compile", _bayesify_compiled, BayesifyRunner,
