@@ -121,7 +121,9 @@ class VIModule(nn.Module):
         # recompute_samples: no weight sample is kept for backward; backward draws it again.
         rec = SampleRecompute() if recompute_samples and torch.is_grad_enabled() else None
         with _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
-            return self._sampled_call(args, kwargs, n, generator, chunk_size, rec)
+            if rec is not None:  # eager even under torch.compile: Dynamo would read the means, not the draws
+                return self._sampled_call_eager(args, kwargs, n, generator, chunk_size, rec)
+            return self._sampled_call(args, kwargs, n, generator, chunk_size)
 
     # -- sites -----------------------------------------------------------------------------
     def bayesian_sites(self) -> list[Site]:
@@ -300,6 +302,8 @@ class VIModule(nn.Module):
                     # static_graph=True); the autograd node keeps them: see vi_attributes().
                     t.grad_fn.metadata[_VI_KEY] = (lp, kl, self.kl_divergence)
         return tree_unflatten(leaves, structure["spec"])
+
+    _sampled_call_eager = torch.compiler.disable(_sampled_call)
 
     def _evaluate(self, args: tuple, kwargs: dict, n: int, weights: dict[str, Tensor], structure: dict[str, Any],
                   defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] | None = None,

@@ -315,7 +315,8 @@ def _fsdp(rank: int, out: Path) -> dict[str, Any]:
 
     res: dict[str, Any] = {}
 
-    def run(build: Callable[[], nn.Module], wrap: str, steps: int, data: Callable[[], tuple]) -> tuple:
+    def run(build: Callable[[], nn.Module], wrap: str, steps: int, data: Callable[[], tuple],
+            recompute: bool = False) -> tuple:
         torch.manual_seed(0)
         model = build()
         if wrap == "ddp":
@@ -332,7 +333,7 @@ def _fsdp(rank: int, out: Path) -> dict[str, Any]:
         opt = torch.optim.Adam(wrapped.parameters(), lr=3e-2)
         losses = []
         for _ in range(steps):
-            o = wrapped(x, samples=4)
+            o = wrapped(x, samples=4, recompute_samples=recompute)
             loss = loss_fn(o, y)
             opt.zero_grad()
             loss.backward()
@@ -351,6 +352,10 @@ def _fsdp(rank: int, out: Path) -> dict[str, Any]:
         res[f"{name}_vs_ddp"] = max((_full(a) - _full(b)).abs().max().item()
                                     for a, b in zip(ref.parameters(), sharded.parameters()))
         res[f"{name}_max_diff"] = _max_param_diff(sharded)
+        # recompute_samples under FSDP: samples drawn at use from the gathered means
+        sharded_rc, res[f"{name}_losses_fsdp_recompute"] = run(build, "fsdp", 5, data, recompute=True)
+        res[f"{name}_recompute_vs_ddp"] = max((_full(a) - _full(b)).abs().max().item()
+                                              for a, b in zip(ref.parameters(), sharded_rc.parameters()))
 
     # Samples survive FSDP's hooks: per-layer sharding with chunked vmap (a reshard between
     # chunks would let FSDP's all-gather put the means back), in train and eval mode, and
@@ -489,6 +494,8 @@ def test_fsdp2_fully_shard_matches_ddp(ranks: list[dict[str, Any]]) -> None:
         assert r0[f"{name}_vs_ddp"] < 1e-5 and r1[f"{name}_vs_ddp"] < 1e-5
         assert r0[f"{name}_losses_fsdp"] == pytest.approx(r0[f"{name}_losses_ddp"], rel=1e-5, abs=1e-5)
         assert _falling(r0[f"{name}_losses_fsdp"])
+        assert r0[f"{name}_losses_fsdp_recompute"] == pytest.approx(r0[f"{name}_losses_ddp"], rel=1e-5, abs=1e-5)
+        assert r0[f"{name}_recompute_vs_ddp"] < 1e-5 and r1[f"{name}_recompute_vs_ddp"] < 1e-5
     assert r0["loaded_vs_ddp"] < 1e-5 and r1["loaded_vs_ddp"] < 1e-5
     assert r0["chunked_vs_plain"] < 1e-5 and r1["chunked_vs_plain"] < 1e-5
     assert r0["types_after_no_grad_call"] == ["DTensor"]

@@ -179,3 +179,21 @@ def test_inner_module_rejects_recompute_samples():
 
     with pytest.raises(ValueError, match="outermost VIModule"):
         Outer()(torch.randn(2, 3), samples=2)
+
+
+def test_recompute_under_torch_compile_runs_the_sampled_call_eagerly():
+    # Dynamo reads a module's parameters from its ``_parameters`` dict directly: a compiled
+    # draw-at-use forward computed with the means (outputs and gradients wrong). The
+    # recompute path is excluded from compilation, so it gives the eager result.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    bnn = bf.bayesify(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)),
+                      variational=bf.variational.MeanFieldNormal(init_std=0.05)).train()
+    x = torch.randn(4, 6)
+    eager = bnn(x, samples=3, generator=torch.Generator().manual_seed(1))
+    ref = torch.autograd.grad(eager.sum() + eager.log_probs.sum(), list(bnn.parameters()))
+    out = torch.compile(bnn, backend="aot_eager")(x, samples=3, generator=torch.Generator().manual_seed(1),
+                                                  recompute_samples=True)
+    assert torch.equal(out, eager) and torch.equal(out.log_probs, eager.log_probs)
+    grads = torch.autograd.grad(out.sum() + out.log_probs.sum(), list(bnn.parameters()))
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref))
