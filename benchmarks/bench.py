@@ -399,13 +399,19 @@ def _status_kb() -> dict[str, int]:
     return {k: int(rows[k].split()[0]) for k in ("VmRSS", "VmHWM") if k in rows}
 
 
-def _release_and_reset_peak() -> bool:
-    """Return freed heap to the OS and reset the peak-RSS mark to the current RSS (Linux >= 4.0)."""
+def _release() -> None:
+    """Return freed heap to the OS (glibc keeps it otherwise: after the timings of the MiniLM
+    workload, ~14 GB that the memory subprocesses then lack)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+def _release_and_reset_peak() -> bool:
+    """Return freed heap to the OS and reset the peak-RSS mark to the current RSS (Linux >= 4.0)."""
+    _release()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -553,6 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
         contenders = [c for c in CONTENDERS if (c.workloads is None or n in c.workloads)
                       and (chosen is None or c.name in chosen)]
         res = bench_workload(w, contenders, repeats, opts.quick)
+        _release()  # the runners are gone; their memory goes back before the memory subprocesses
+        print(f"  [{n}] resident after the timings: {_status_kb()['VmRSS'] / 1024:.0f} MB", file=sys.stderr, flush=True)
         mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in contenders],
                                                                          opts.quick, opts.threads,
                                                                          opts.memory_repeats)
