@@ -321,8 +321,13 @@ class VIModule(nn.Module):
 
         def one(sample_tensors: dict[str, Tensor], _index: Tensor | None = None) -> list[Tensor]:
             lazy = nullcontext() if not lazy_slots else _drawn_at_use(lazy_slots, _index, defer, sink)
-            with _swapped(locations, sample_tensors), lazy:
-                out = self(*args, **kwargs)
+            prev_index = getattr(_STATE, "sample_index", None)
+            _STATE.sample_index = _index
+            try:
+                with _swapped(locations, sample_tensors), lazy:
+                    out = self(*args, **kwargs)
+            finally:
+                _STATE.sample_index = prev_index
             leaves, spec = tree_flatten(out)
             structure["spec"] = spec
             structure["static"] = [(i, x) for i, x in enumerate(leaves) if not isinstance(x, Tensor)]
@@ -331,7 +336,8 @@ class VIModule(nn.Module):
         if self._vmap_failure is None:
             try:
                 # The sample index gives vmap a batched input even when no weight is sampled.
-                return torch.vmap(one, randomness="different")(batched, torch.arange(n)), writeback
+                with _stochastic_depth_per_sample(self):
+                    return torch.vmap(one, randomness="different")(batched, torch.arange(n)), writeback
             except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
                 reason = _vmap_reason(exc)
                 if reason is None:
@@ -354,6 +360,47 @@ class VIModule(nn.Module):
         )
         per = [one({k: v[i] for k, v in batched.items()}) for i in range(n)]
         return [torch.stack(col) for col in zip(*per)], writeback
+
+
+_PER_SAMPLE_DEPTH: dict[type, type] = {}
+
+
+@contextmanager
+def _stochastic_depth_per_sample(root: nn.Module) -> Iterator[None]:
+    """torchvision's ``StochasticDepth`` (EfficientNet, ConvNeXt, Swin, MaxViT) draws its
+    drop mask into ``torch.empty(...)``, a tensor vmap does not batch, so in train mode vmap
+    refuses it ("different inplace randomness on an unbatched tensor") and every sample ran
+    in the loop. For one vmapped call each such module becomes a subclass that draws into
+    a tensor batched over the samples (by the sample index where the input is not batched:
+    no sampled weight before it), so every sample drops its own rows, as the loop did."""
+    tv = sys.modules.get("torchvision.ops.stochastic_depth")  # not imported: no such module here
+    base = getattr(tv, "StochasticDepth", None)
+    mods = [m for m in root.modules() if base is not None and type(m) is base and m.training and m.p > 0]
+    if not mods:
+        yield
+        return
+    cls = _PER_SAMPLE_DEPTH.get(base)
+    if cls is None:
+        def forward(self: Any, input: Tensor) -> Tensor:
+            survival = 1.0 - self.p
+            size = [input.shape[0]] + [1] * (input.ndim - 1) if self.mode == "row" else [1] * input.ndim
+            noise = input.new_zeros(size)
+            index = getattr(_STATE, "sample_index", None)  # batched even where the input is not
+            if index is not None:
+                noise = noise + index.to(noise.dtype).mul(0)
+            noise.bernoulli_(survival)
+            if survival > 0.0:
+                noise.div_(survival)
+            return input * noise
+
+        cls = _PER_SAMPLE_DEPTH[base] = type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
+    try:
+        for m in mods:
+            m.__class__ = cls
+        yield
+    finally:
+        for m in mods:
+            m.__class__ = base
 
 
 def _fold(terms: list[Any], drawn: dict[str, tuple[Any, Any]], zeros: Tensor) -> tuple[Tensor, Tensor]:

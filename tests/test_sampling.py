@@ -627,3 +627,34 @@ def test_elbo_analytic_kl_without_closed_form_is_a_clear_error():
         bf.ELBOLoss("normal", dataset_size=10, kl="analytic")(out, torch.randn(5, 2))
     # mc works for the same model
     assert torch.isfinite(bf.ELBOLoss("normal", dataset_size=10, kl="mc")(out, torch.randn(5, 2)))
+
+
+def test_stochastic_depth_runs_vectorised_and_drops_per_sample():
+    # torchvision's StochasticDepth (EfficientNet, ConvNeXt, Swin) draws its mask into an
+    # unbatched tensor: in train mode vmap refused it and every sample ran in the loop.
+    from torchvision.ops import StochasticDepth
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.depth = StochasticDepth(0.5, "row")
+
+        def forward(self, x):
+            return self.depth(self.fc(x))
+
+    torch.manual_seed(0)
+    bnn = bf.bayesify(Net(), variational="pointmass").train()  # equal weights: only the drops differ
+    x = torch.randn(64, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no loop fallback
+        out = bnn(x, samples=8)
+    assert type(bnn.model.depth) is StochasticDepth  # the user's module is left as it was
+    dropped = (out == 0).all(-1)  # (samples, rows)
+    assert 0.3 < dropped.float().mean() < 0.7
+    assert not all(torch.equal(dropped[0], dropped[s]) for s in range(1, 8))  # each sample its own rows
+    with torch.no_grad():
+        scaled = (bnn.model.fc(x) / 0.5).expand(8, -1, -1)
+    torch.testing.assert_close(out[~dropped], scaled[~dropped])
+    bnn.eval()
+    torch.testing.assert_close(bnn(x, samples=2)[0], bnn.model.fc(x))  # identity outside training
