@@ -12,7 +12,9 @@ Data flow of one sampled forward (all in :meth:`VIModule._sampled_call`):
    mode, ``log_probs`` ``(S, 2)`` (prior, variational) and ``kl_analytic`` attached.
 
 Where vmap cannot run the model, the same draws are evaluated one by one with a
-warning naming the cause.
+warning naming the cause. With ``recompute_samples=True`` step 1 draws only the seeds:
+each seeded site is drawn inside step 2 where the forward first reads it, and autograd
+keeps a recipe instead of the sample (``_normal.SampleRecompute``).
 
 BatchNorm in training mode: each sample normalises with its own batch
 statistics; the running statistics move by the *mean over samples* of the
@@ -78,8 +80,10 @@ class VIModule(nn.Module):
     """Base class for Bayesian models.
 
     The outermost ``VIModule`` of a model accepts ``samples=`` (default 10),
-    ``generator=`` and ``chunk_size=`` on top of its forward's own arguments;
-    inner ones just run their forward.
+    ``generator=``, ``chunk_size=`` and ``recompute_samples=`` on top of its forward's own
+    arguments; inner ones just run their forward. ``recompute_samples=True`` keeps no
+    weight sample for backward (each is drawn where the forward first reads it and drawn
+    again, bit for bit, in backward): less memory for one more noise pass per weight.
 
     Example::
 
