@@ -140,22 +140,28 @@ class VIModule(nn.Module):
         return torch.stack(kls).sum() if kls else torch.zeros(())
 
     # -- sampling --------------------------------------------------------------------------
-    # Eager under torch.compile: one draw per tensor through the threaded noise kernel; tracing
-    # it would only recompile per tensor shape. The model's own forward is what compiles.
-    @torch.compiler.disable
     def _draw(self, n: int, generator: torch.Generator | None, with_logp: bool,
-              seeds: dict[str, int] | None = None, offset: int = 0,
-              defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] | None = None) -> tuple[Any, Any, Any, Tensor]:
+              seeds: dict[str, int] | None = None, offset: int = 0) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
         """Weight samples by qualified name, and log prior / log q ``(n,)`` and analytic KL.
 
         ``seeds`` (filled on first use, one draw from ``generator`` per sampled tensor) and
         ``offset`` select samples ``offset .. offset + n`` of one call's noise, for families
         that draw block-seeded noise (``chunked_draws``); others draw afresh from ``generator``.
-
-        ``defer`` (a dict): seeded sites are not drawn but left there as callables, to be drawn
-        where the forward first uses them (``recompute_samples``); then the second and third
-        items are the per-site log-density terms and zeros, for :func:`_fold`.
         """
+        weights, terms, zeros, kl = self._draws(n, generator, with_logp, seeds, offset)
+        return (weights, *_fold(terms, {}, zeros), kl)
+
+    # Eager under torch.compile: one draw per tensor through the threaded noise kernel; tracing
+    # it would only recompile per tensor shape. The model's own forward is what compiles.
+    @torch.compiler.disable
+    def _draws(self, n: int, generator: torch.Generator | None, with_logp: bool,
+               seeds: dict[str, int] | None = None, offset: int = 0,
+               defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] | None = None
+               ) -> tuple[dict[str, Tensor], list[Any], Tensor, Tensor]:
+        """What :meth:`_draw` draws, with the log densities still per site (``terms``, for
+        :func:`_fold`), and ``zeros`` ``(n,)``. ``defer`` (a dict): seeded sites are not drawn
+        but left there as callables, to be drawn where the forward first reads them
+        (``recompute_samples``); their terms are their names."""
         seeds = {} if seeds is None else seeds
         weights: dict[str, Tensor] = {}
         terms: list[Any] = []  # per site, in site order: (log p, log q or None), or a deferred site's name
@@ -183,7 +189,8 @@ class VIModule(nn.Module):
                              site.pbuffers(), n, generator, with_logp, **extra)
             if defer is not None and spec.variational.chunked_draws:
                 defer[site.qualname] = sample  # seeded: drawn at first use, the same samples
-                terms.append(site.qualname)
+                if with_logp:
+                    terms.append(site.qualname)
                 continue
             w, lp, lq = sample()
             weights[site.qualname] = w
@@ -192,10 +199,7 @@ class VIModule(nn.Module):
         ref = next(iter(self.parameters()), torch.zeros(()))
         zeros = torch.zeros(n, dtype=torch.float32 if not ref.is_floating_point() else ref.dtype,
                             device=ref.device)
-        kl = zeros.new_zeros(()) if kl is None else kl
-        if defer is not None:
-            return weights, terms, zeros, kl  # summed by _fold once the deferred sites are drawn
-        return (weights, *_fold(terms, {}, zeros), kl)
+        return weights, terms, zeros, zeros.new_zeros(()) if kl is None else kl
 
     def _batchnorm_state(self, n: int) -> tuple[dict[str, Tensor], list[tuple[nn.Module, str, Tensor, str]]]:
         """Per-sample copies of BatchNorm running statistics updated in this forward."""
@@ -239,11 +243,10 @@ class VIModule(nn.Module):
         step = n if chunk_size is None else min(chunk_size, n)
         # The weights' seeds come off the generator before the in-forward seed (so `_draw(n, g)`
         # alone reproduces a call's weights): draw the first chunk first.
-        # recompute_samples: seeded sites are drawn where the forward first uses them (see
+        # recompute_samples: seeded sites are drawn where the forward first reads them (see
         # _evaluate), so no sample outlives its use; ``defer`` holds their draws, per chunk.
-        lazy = recompute is not None
-        defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] = {}
-        drawn = self._draw(step, generator, with_logp, seeds, 0, defer if lazy else None)
+        defer = None if recompute is None else {}
+        drawn = self._draws(step, generator, with_logp, seeds, 0, defer)
         # In-forward randomness (dropout, local reparameterisation) follows the explicit
         # generator when one is given, and the global RNG otherwise.
         rng = nullcontext()
@@ -261,21 +264,17 @@ class VIModule(nn.Module):
             for start in range(0, n, step):
                 k = min(step, n - start)
                 if drawn is None:
-                    defer = {}
-                    drawn = self._draw(k, generator, with_logp, seeds, start, defer if lazy else None)
-                weights, log_p, log_q, chunk_kl = drawn
+                    defer = None if recompute is None else {}
+                    drawn = self._draws(k, generator, with_logp, seeds, start, defer)
+                weights, terms, zeros, chunk_kl = drawn
                 kl = chunk_kl if kl is None else kl  # the closed-form part does not depend on the draws
-                if not lazy:
-                    tensors, writeback = self._evaluate(args, kwargs, k, weights, structure)
-                else:
-                    sink: dict[str, tuple[Any, Any]] = {}  # (log p, log q) of each deferred site drawn
-                    tensors, writeback = self._evaluate(args, kwargs, k, weights, structure, defer, sink)
-                    if with_logp:
-                        for q, draw in defer.items():
-                            if q not in sink:  # not used by this forward: drawn for its log densities
-                                sink[q] = draw()[1:]
-                        log_p, log_q = _fold(log_p, sink, log_q)
-                    assert recompute is not None
+                sink: dict[str, tuple[Any, Any]] = {}  # (log p, log q) of each deferred site drawn
+                tensors, writeback = self._evaluate(args, kwargs, k, weights, structure, defer, sink)
+                for q in terms:
+                    if isinstance(q, str) and q not in sink:  # not read by this forward: drawn for its densities
+                        sink[q] = defer[q]()[1:]
+                log_p, log_q = _fold(terms, sink, zeros)
+                if recompute is not None:
                     recompute.release()  # views saved of this chunk's samples keep their recipes
                 lps.append(log_p)
                 lqs.append(log_q)
