@@ -658,3 +658,47 @@ def test_stochastic_depth_runs_vectorised_and_drops_per_sample():
     torch.testing.assert_close(out[~dropped], scaled[~dropped])
     bnn.eval()
     torch.testing.assert_close(bnn(x, samples=2)[0], bnn.model.fc(x))  # identity outside training
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0, 0), (None, 0, 0), (0, 0, None), (None, 0, None), (2, 1, 0), (0, None, 0)])
+def test_per_sample_linear_equals_vmapped_f_linear(in_dims):
+    # VILinear's rule for per-sample weights: the outputs of PyTorch's own vmap rule bit for
+    # bit, the same gradients, and the weight gradient contiguous in the weight's layout.
+    from bayesify.nn import _SampleLinear
+
+    g = _gen(0)
+    s, n, i, o = 4, 6, 5, 3
+    x = torch.randn(n, 2, i, generator=g) if in_dims[0] is None else torch.randn(n, 2, i, s, generator=g)
+    x = x.movedim(-1, in_dims[0]) if in_dims[0] is not None else x
+    w = torch.randn(o, i, generator=g) if in_dims[1] is None else torch.randn(o, s, i, generator=g).movedim(1, in_dims[1])
+    b = torch.randn(o, generator=g) if in_dims[2] is None else torch.randn(s, o, generator=g)
+    for t in (x, w, b):
+        t.requires_grad_()
+    ref = torch.vmap(F.linear, in_dims=in_dims)(x, w, b)
+    out = torch.vmap(_SampleLinear.apply, in_dims=in_dims)(x, w, b)
+    assert torch.equal(out, ref)
+    up = torch.randn(ref.shape, generator=g)
+    for got, want in zip(torch.autograd.grad(out, (x, w, b), up), torch.autograd.grad(ref, (x, w, b), up)):
+        torch.testing.assert_close(got, want)
+
+
+def test_linear_weight_gradients_reach_the_draws_contiguous(monkeypatch):
+    # vmapped F.linear hands its weight gradient over as a transpose; the draws' backward then
+    # reads every sample through a strided copy. VILinear's own rule returns it contiguous.
+    from bayesify import _normal
+
+    seen = []
+    backward = _normal._MeanFieldDraw.backward
+
+    def recording(ctx, gw, *rest):
+        seen.append((tuple(gw.shape), gw.is_contiguous()))
+        return backward(ctx, gw, *rest)
+
+    monkeypatch.setattr(_normal._MeanFieldDraw, "backward", staticmethod(recording))
+    bnn = bf.bayesify(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)))
+    x = torch.randn(5, 6, requires_grad=True)  # the first layer also passes an input gradient
+    out = bnn(x, samples=3)
+    (out.sum() + out.log_probs.sum()).backward()
+    weights = [c for shape, c in seen if len(shape) == 3]
+    assert len(weights) == 2 and all(weights), seen
+    assert x.grad is not None
