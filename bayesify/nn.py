@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._batched import SampleConv2d, SampleLinear, conv2d_by_gemm
 from .module import VIModule, sampling_active
 from .priors import Normal, Prior, get_prior
 from .sites import make_bayesian, remove_bayesian, validate_estimator
@@ -176,7 +177,13 @@ def _conv_forward_with_estimators(dims: int) -> Any:
     def forward(self: Any, input: Tensor) -> Tensor:
         if self._own_noise():
             return self._estimated(input, self._conv_forward, dims)
-        return self._conv_forward(input, self.weight, self.bias)
+        weight, bias = self.weight, self.bias  # read once: with recompute_samples a read draws
+        if (dims == 2 and self.padding_mode == "zeros" and sampling_active() and not isinstance(weight, nn.Parameter)
+                and not torch.compiler.is_compiling()
+                and conv2d_by_gemm(input, weight.shape, self.stride, self.padding, self.dilation, self.groups)):
+            # per-sample weights (the sampler's) on small maps: one GEMM for all samples under vmap
+            return SampleConv2d.apply(input, weight, bias, self.stride, self.padding, self.dilation)
+        return self._conv_forward(input, weight, bias)
 
     return forward
 
@@ -222,98 +229,8 @@ class VILinear(VILayer, nn.Linear):
             return self._estimated(input, F.linear, 0)
         weight, bias = self.weight, self.bias  # read once: with recompute_samples a read draws
         if sampling_active() and not isinstance(weight, nn.Parameter) and not torch.compiler.is_compiling():
-            return _SampleLinear.apply(input, weight, bias)  # per-sample weights (the sampler's)
+            return SampleLinear.apply(input, weight, bias)  # per-sample weights (the sampler's)
         return F.linear(input, weight, bias)
-
-
-class _SampleLinear(torch.autograd.Function):
-    """``F.linear`` whose vmap rule computes all samples at once and returns the weight
-    gradient contiguous, in the weight's own ``(S, out, in)`` layout.
-
-    Under vmap with per-sample weights PyTorch's ``F.linear`` produces the weight gradient as
-    the transpose of an ``(S, in, out)`` product; the draws' backward then reads every sample
-    of it through a strided copy (MiniLM-shaped draws, 10 samples, 2 threads: their backward
-    takes 510-640 ms from transposed gradients and 340-380 ms from contiguous ones,
-    ``benchmarks/bench.py`` notes). Outside vmap (the per-sample loop) it is ``F.linear``."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias = inputs
-        # Only what backward reads (F.linear's own rule keeps the weight only for an input gradient).
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
-        ctx.has_bias = bias is not None
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = g @ weight if ctx.needs_input_grad[0] else None
-        gw = g2.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, int]:
-        x_dim, w_dim, b_dim = in_dims
-        if w_dim is None or weight.dim() != 3:  # weights shared by the samples: the usual rule
-            return torch.vmap(F.linear, in_dims=in_dims)(x, weight, bias), 0
-        w = weight.movedim(w_dim, 0)
-        b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
-        if x_dim is None:  # one input for every sample
-            lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        else:
-            xs = x.movedim(x_dim, 0)
-            lead, x2 = xs.shape[1:-1], xs.reshape(xs.shape[0], -1, xs.shape[-1])
-        out = _BatchedLinear.apply(x2, w, b)
-        return out.reshape(w.shape[0], *lead, w.shape[1]), 0
-
-
-class _BatchedLinear(torch.autograd.Function):
-    """``S`` linear maps at once: ``x`` ``(S, N, in)`` or shared ``(N, in)``, ``w`` ``(S, out, in)``,
-    bias ``(S, out)``, shared ``(out,)`` or None -> ``(S, N, out)``. Backward returns ``w``'s
-    gradient contiguous ``(S, out, in)``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        # The products and the bias addition PyTorch's own rule computes (the same values,
-        # bit for bit, as the compiled path, which keeps F.linear).
-        out = torch.matmul(x, w.transpose(1, 2))  # (S, N, out); a shared x is broadcast
-        if b is not None:
-            out.add_(b.unsqueeze(-2))
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
-        ctx.shape, ctx.shared = w.shape, x.dim() == 2
-        ctx.bias_dim = None if b is None else b.dim()
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, w = ctx.saved_tensors
-        s, o, i = ctx.shape
-        gx = gw = gb = None
-        if ctx.shared:  # x (N, in), g (S, N, out)
-            gp = g.transpose(0, 1).reshape(g.shape[1], s * o)
-            if ctx.needs_input_grad[0]:
-                gx = gp @ w.reshape(s * o, i)
-            if ctx.needs_input_grad[1]:
-                gw = (gp.T @ x).view(s, o, i)
-            if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
-                gb = gp.sum(0).view(s, o)
-        else:
-            if ctx.needs_input_grad[0]:
-                gx = torch.bmm(g, w)
-            if ctx.needs_input_grad[1]:
-                gw = torch.bmm(g.transpose(1, 2), x)
-            if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
-                gb = g.sum(1)
-        if gb is not None and ctx.bias_dim == 1:  # a bias shared by the samples
-            gb = gb.sum(0)
-        return gx, gw, gb
 
 
 class VIConv1d(VILayer, nn.Conv1d):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import distributions as D, nn
+from torch import Tensor, distributions as D, nn
 
 import bayesify as bf
 from bayesify.module import _active as plain_forward
@@ -664,7 +664,7 @@ def test_stochastic_depth_runs_vectorised_and_drops_per_sample():
 def test_per_sample_linear_equals_vmapped_f_linear(in_dims):
     # VILinear's rule for per-sample weights: the outputs of PyTorch's own vmap rule bit for
     # bit, the same gradients, and the weight gradient contiguous in the weight's layout.
-    from bayesify.nn import _SampleLinear
+    from bayesify._batched import SampleLinear as _SampleLinear
 
     g = _gen(0)
     s, n, i, o = 4, 6, 5, 3
@@ -702,3 +702,57 @@ def test_linear_weight_gradients_reach_the_draws_contiguous(monkeypatch):
     weights = [c for shape, c in seen if len(shape) == 3]
     assert len(weights) == 2 and all(weights), seen
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("x_in", ["batched", "shared", "batched at dim 2", "unbatched per sample"])
+@pytest.mark.parametrize("bias", ["per sample", "shared", None])
+@pytest.mark.parametrize("geometry", [
+    # (in, out, H, W, kernel, stride, padding, dilation): outputs of 1, 1, 4 and 4 positions
+    (4, 5, 1, 1, 3, 1, 1, 1), (4, 5, 2, 2, 3, 2, 1, 1), (3, 2, 2, 1, (1, 2), 1, (0, 1), 1), (4, 6, 4, 4, 3, 2, 1, 2),
+])
+def test_small_map_convolution_by_gemm_equals_vmapped_conv2d(x_in, bias, geometry):
+    from bayesify._batched import SampleConv2d, conv2d_by_gemm
+
+    c, o, h, w_, k, stride, padding, dilation = geometry
+    g = _gen(1)
+    s, n = 3, 2
+    one = (c, h, w_) if x_in == "unbatched per sample" else (n, c, h, w_)
+    x, x_dim = {"shared": (torch.randn(one, generator=g), None),
+                "batched at dim 2": (torch.randn(n, c, s, h, w_, generator=g), 2)}.get(x_in, (torch.randn(s, *one, generator=g), 0))
+    kh, kw = (k, k) if isinstance(k, int) else k
+    w = torch.randn(s, o, c, kh, kw, generator=g)
+    b, b_dim = {"per sample": (torch.randn(s, o, generator=g), 0), "shared": (torch.randn(o, generator=g), None)}.get(
+        bias, (None, None))
+    assert conv2d_by_gemm(torch.empty(one), (o, c, kh, kw), stride, padding, dilation, 1)
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+    def conv(fn):
+        return torch.vmap(lambda a, ww, bb: fn(a, ww, bb, stride, padding, dilation), in_dims=(x_dim, 0, b_dim))(x, w, b)
+
+    ref, out = conv(F.conv2d), conv(SampleConv2d.apply)
+    torch.testing.assert_close(out, ref)
+    up = torch.randn(ref.shape, generator=g)
+    for got, want in zip(torch.autograd.grad(out, inputs, up), torch.autograd.grad(ref, inputs, up)):
+        torch.testing.assert_close(got, want)
+
+
+def test_small_map_convolution_output_can_be_modified_in_place(monkeypatch):
+    # ResNet's ReLU(inplace=True) after a convolution on a 1x1 map (the GEMM rule); the same
+    # outputs and gradients as with PyTorch's own rule for every convolution.
+    from bayesify import _batched
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8, 2))
+    bnn = bf.bayesify(model)
+    x = torch.randn(4, 3, 1, 1)
+
+    def step() -> tuple[Tensor, list[Tensor]]:
+        out = bnn(x, samples=3, generator=_gen(0))
+        return out, torch.autograd.grad(out.sum() + out.log_probs.sum(), list(bnn.parameters()))
+
+    out, grads = step()
+    monkeypatch.setattr(_batched, "GEMM_MAX_POSITIONS", 0)
+    ref, ref_grads = step()
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)

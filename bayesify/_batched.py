@@ -1,0 +1,255 @@
+"""Layer kernels for per-sample weights under ``torch.vmap``: ``F.linear`` / ``F.conv2d`` rules
+that compute all weight samples at once where PyTorch's own vmap rule is slow.
+
+Each public ``Sample*`` Function computes the plain op outside vmap (the per-sample loop)
+and has a ``vmap`` staticmethod: given the samples' weights ``(S, ...)``, it calls a
+``_Batched*`` Function on the physical tensors, whose forward and backward are written for
+all samples at once. Autograd records that inner Function as usual (``loss.backward()``
+runs outside vmap), so its backward decides the gradients' layout and algorithm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SampleLinear", "SampleConv2d", "conv2d_by_gemm"]
+
+
+class SampleLinear(torch.autograd.Function):
+    """``F.linear`` whose vmap rule computes all samples at once and returns the weight
+    gradient contiguous, in the weight's own ``(S, out, in)`` layout.
+
+    Under vmap with per-sample weights PyTorch's ``F.linear`` produces the weight gradient as
+    the transpose of an ``(S, in, out)`` product; the draws' backward then reads every sample
+    of it through a strided copy (MiniLM-shaped draws, 10 samples, 2 threads: their backward
+    takes 510-640 ms from transposed gradients and 340-380 ms from contiguous ones,
+    ``benchmarks/bench.py`` notes). Outside vmap (the per-sample loop) it is ``F.linear``."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias = inputs
+        # Only what backward reads (F.linear's own rule keeps the weight only for an input gradient).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, int]:
+        x_dim, w_dim, b_dim = in_dims
+        if w_dim is None or weight.dim() != 3:  # weights shared by the samples: the usual rule
+            return torch.vmap(F.linear, in_dims=in_dims)(x, weight, bias), 0
+        w = weight.movedim(w_dim, 0)
+        b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
+        if x_dim is None:  # one input for every sample
+            lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        else:
+            xs = x.movedim(x_dim, 0)
+            lead, x2 = xs.shape[1:-1], xs.reshape(xs.shape[0], -1, xs.shape[-1])
+        out = _BatchedLinear.apply(x2, w, b)
+        return out.reshape(w.shape[0], *lead, w.shape[1]), 0
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """``S`` linear maps at once: ``x`` ``(S, N, in)`` or shared ``(N, in)``, ``w`` ``(S, out, in)``,
+    bias ``(S, out)``, shared ``(out,)`` or None -> ``(S, N, out)``. Backward returns ``w``'s
+    gradient contiguous ``(S, out, in)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        # The products and the bias addition PyTorch's own rule computes (the same values,
+        # bit for bit, as the compiled path, which keeps F.linear).
+        out = torch.matmul(x, w.transpose(1, 2))  # (S, N, out); a shared x is broadcast
+        if out._base is not None:  # never a view of an internal tensor (callers modify it in place)
+            out = out.clone()
+        if b is not None:
+            out.add_(b.unsqueeze(-2))
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        ctx.shape, ctx.shared = w.shape, x.dim() == 2
+        ctx.bias_dim = None if b is None else b.dim()
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, w = ctx.saved_tensors
+        s, o, i = ctx.shape
+        gx = gw = gb = None
+        if ctx.shared:  # x (N, in), g (S, N, out)
+            gp = g.transpose(0, 1).reshape(g.shape[1], s * o)
+            if ctx.needs_input_grad[0]:
+                gx = gp @ w.reshape(s * o, i)
+            if ctx.needs_input_grad[1]:
+                gw = (gp.T @ x).view(s, o, i)
+            if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
+                gb = gp.sum(0).view(s, o)
+        else:
+            if ctx.needs_input_grad[0]:
+                gx = torch.bmm(g, w)
+            if ctx.needs_input_grad[1]:
+                gw = torch.bmm(g.transpose(1, 2), x)
+            if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
+                gb = g.sum(1)
+        if gb is not None and ctx.bias_dim == 1:  # a bias shared by the samples
+            gb = gb.sum(0)
+        return gx, gw, gb
+
+
+#: Per-sample convolutions with at most this many output positions (``Ho * Wo``) run as one
+#: batched GEMM over unfolded inputs. There PyTorch's CPU convolution is slow: ResNet-18's
+#: 3x3 512-channel convolutions on 1x1 / 2x2 maps (a 32x32 input), 10 samples x batch 32,
+#: 2 threads: the weight gradient of the grouped convolution vmap runs takes 680 ms, the
+#: GEMM 92-99 ms (``benchmarks/bench.py`` workload ``resnet18``; the point model's own
+#: weight gradient on the 320 inputs takes 484 ms). From 16 positions up the convolution wins.
+GEMM_MAX_POSITIONS = 4
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def conv2d_by_gemm(x: Tensor, weight_shape: tuple[int, ...], stride: Any, padding: Any, dilation: Any,
+                   groups: int) -> bool:
+    """Whether a per-sample ``conv2d`` of ``x`` (one sample's input) runs as a GEMM."""
+    if groups != 1 or isinstance(padding, str) or x.dim() not in (3, 4):
+        return False
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    kh, kw = weight_shape[-2:]
+    ho = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return ho * wo <= GEMM_MAX_POSITIONS
+
+
+class SampleConv2d(torch.autograd.Function):
+    """``F.conv2d`` (``groups=1``) whose vmap rule computes per-sample weights with few output
+    positions as one batched GEMM over unfolded inputs (see :data:`GEMM_MAX_POSITIONS`);
+    other convolutions get PyTorch's own rule. Outside vmap it is ``F.conv2d``."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any
+                ) -> Tensor:
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias, stride, padding, dilation = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.args = (None if bias is None else [bias.shape[0]], _pair(stride), _pair(padding), _pair(dilation))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        bias_sizes, stride, padding, dilation = ctx.args
+        unbatched = x.dim() == 3
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g.unsqueeze(0) if unbatched else g, x.unsqueeze(0) if unbatched else x, weight, bias_sizes,
+            stride, padding, dilation, False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]])
+        if gx is not None and unbatched:
+            gx = gx.squeeze(0)
+        return gx, gw, gb, None, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any,
+             padding: Any, dilation: Any) -> tuple[Tensor, int]:
+        x_dim, w_dim, b_dim = in_dims[:3]
+        one = x if x_dim is None else x.select(x_dim, 0)
+        if w_dim is None or not conv2d_by_gemm(one, weight.shape[1:] if w_dim == 0 else weight.movedim(w_dim, 0).shape[1:],
+                                               stride, padding, dilation, 1):
+            def conv(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                return F.conv2d(a, w, b, stride, padding, dilation)
+
+            return torch.vmap(conv, in_dims=in_dims[:3])(x, weight, bias), 0
+        w = weight.movedim(w_dim, 0)
+        b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
+        xs = x if x_dim is None else x.movedim(x_dim, 0)
+        unbatched = one.dim() == 3  # one sample's input is (C, H, W)
+        if unbatched:
+            xs = xs.unsqueeze(-4)
+        out = _BatchedConv2dGemm.apply(xs, w, b, _pair(stride), _pair(padding), _pair(dilation))
+        return (out.squeeze(1) if unbatched else out), 0
+
+
+class _BatchedConv2dGemm(torch.autograd.Function):
+    """``S`` convolutions as GEMMs: ``x`` ``(S, N, C, H, W)`` or shared ``(N, C, H, W)``, ``w``
+    ``(S, O, C, kh, kw)``, bias ``(S, O)``, shared ``(O,)`` or None -> ``(S, N, O, Ho, Wo)``.
+    Keeps ``x`` (not its unfolded columns) for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+        s, o = w.shape[:2]
+        shared = x.dim() == 4
+        n, hw = x.shape[-4], x.shape[-2:]
+        cols, (ho, wo) = _columns(x, w.shape, stride, padding, dilation)  # (K, N L) or (S, K, N L)
+        if shared:
+            out = (w.reshape(s * o, -1) @ cols).view(s, o, n, ho * wo)
+        else:
+            out = torch.bmm(w.reshape(s, o, -1), cols).view(s, o, n, ho * wo)
+        out = out.transpose(1, 2).reshape(s, n, o, ho, wo)
+        # A fresh tensor, never a view of the product (callers modify it in place: ReLU(inplace=True))
+        out = out.clone() if b is None else out + (b[:, None, :, None, None] if b.dim() == 2 else b[:, None, None])
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        ctx.geometry = (tuple(x.shape), tuple(w.shape), stride, padding, dilation, shared, n, tuple(hw))
+        ctx.bias_dim = None if b is None else b.dim()
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        x_shape, w_shape, stride, padding, dilation, shared, n, hw = ctx.geometry
+        s, o, c, kh, kw = w_shape
+        gg = g.reshape(s, n, o, -1).transpose(1, 2).reshape(s, o, -1)  # (S, O, N L)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[1]:
+            cols, _ = _columns(x, w_shape, stride, padding, dilation)
+            if shared:
+                gw = (gg.reshape(s * o, -1) @ cols.T).view(w_shape)
+            else:
+                gw = torch.bmm(gg, cols.transpose(1, 2)).view(w_shape)
+        if ctx.needs_input_grad[0]:
+            k = c * kh * kw
+            if shared:
+                dcols = (w.reshape(s * o, k).T @ gg.reshape(s * o, -1)).view(k, n, -1).transpose(0, 1)
+            else:
+                dcols = torch.bmm(w.reshape(s, o, k).transpose(1, 2), gg).view(s, k, n, -1).transpose(1, 2)
+            gx = F.fold(dcols.reshape(-1, k, dcols.shape[-1]), hw, (kh, kw), dilation=dilation, padding=padding,
+                        stride=stride).view(x_shape)
+        if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
+            gb = gg.sum(2)
+            if ctx.bias_dim == 1:
+                gb = gb.sum(0)
+        return gx, gw, gb, None, None, None
+
+
+def _columns(x: Tensor, w_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
+             dilation: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """The unfolded input as GEMM operand: ``(K, N L)`` for a shared ``x``, else ``(S, K, N L)``
+    (``K = C kh kw``, ``L = Ho Wo``), and the output size ``(Ho, Wo)``."""
+    c, kh, kw = w_shape[-3:]
+    h, wd = x.shape[-2:]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(x.reshape(-1, c, h, wd), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    k, L = cols.shape[1:]
+    if x.dim() == 4:
+        return cols.transpose(0, 1).reshape(k, -1), (ho, wo)
+    return cols.view(x.shape[0], x.shape[1], k, L).transpose(1, 2).reshape(x.shape[0], k, -1), (ho, wo)
