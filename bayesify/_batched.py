@@ -137,8 +137,9 @@ def conv2d_by_gemm(x: Tensor, weight_shape: tuple[int, ...], stride: Any, paddin
 
 
 class SampleConv2d(torch.autograd.Function):
-    """``F.conv2d`` (``groups=1``) whose vmap rule computes per-sample weights with few output
-    positions as one batched GEMM over unfolded inputs (see :data:`GEMM_MAX_POSITIONS`);
+    """``F.conv2d`` (``groups=1``) whose vmap rule computes convolutions with few output
+    positions as one (batched) GEMM over unfolded inputs (see :data:`GEMM_MAX_POSITIONS`):
+    per-sample weights, or one weight over every sample's batch (local reparameterisation);
     other convolutions get PyTorch's own rule. Outside vmap it is ``F.conv2d``."""
 
     @staticmethod
@@ -170,20 +171,26 @@ class SampleConv2d(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any,
              padding: Any, dilation: Any) -> tuple[Tensor, int]:
         x_dim, w_dim, b_dim = in_dims[:3]
-        one = x if x_dim is None else x.select(x_dim, 0)
-        if w_dim is None or not conv2d_by_gemm(one, weight.shape[1:] if w_dim == 0 else weight.movedim(w_dim, 0).shape[1:],
-                                               stride, padding, dilation, 1):
+        one = x if x_dim is None else x.select(x_dim, 0)  # one sample's input
+        w1 = weight if w_dim is None else weight.select(w_dim, 0)
+        geometry = (_pair(stride), _pair(padding), _pair(dilation))
+        unbatched = one.dim() == 3  # one sample's input is (C, H, W)
+        if not conv2d_by_gemm(one, w1.shape, stride, padding, dilation, 1) or (w_dim is None and (
+                x_dim is None or b_dim is not None)):
             def conv(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
                 return F.conv2d(a, w, b, stride, padding, dilation)
 
             return torch.vmap(conv, in_dims=in_dims[:3])(x, weight, bias), 0
+        xs = x if x_dim is None else x.movedim(x_dim, 0)
+        if w_dim is None:  # one weight for every sample (local reparameterisation): samples x batch
+            n = xs.shape[0] if unbatched else xs.shape[0] * xs.shape[1]
+            out = _BatchedConv2dGemm.apply(xs.reshape(n, *one.shape[-3:]), weight[None], bias, *geometry)[0]
+            return out.view(*xs.shape[:-3], *out.shape[1:]), 0
         w = weight.movedim(w_dim, 0)
         b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
-        xs = x if x_dim is None else x.movedim(x_dim, 0)
-        unbatched = one.dim() == 3  # one sample's input is (C, H, W)
         if unbatched:
             xs = xs.unsqueeze(-4)
-        out = _BatchedConv2dGemm.apply(xs, w, b, _pair(stride), _pair(padding), _pair(dilation))
+        out = _BatchedConv2dGemm.apply(xs, w, b, *geometry)
         return (out.squeeze(1) if unbatched else out), 0
 
 

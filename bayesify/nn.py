@@ -174,16 +174,17 @@ def _signs(like: Tensor, shared_trailing: int) -> Tensor:
 
 
 def _conv_forward_with_estimators(dims: int) -> Any:
+    def conv(self: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if (dims == 2 and self.padding_mode == "zeros" and sampling_active() and not torch.compiler.is_compiling()
+                and conv2d_by_gemm(x, weight.shape, self.stride, self.padding, self.dilation, self.groups)):
+            # small maps while sampling: one GEMM for all samples under vmap (see bayesify._batched)
+            return SampleConv2d.apply(x, weight, bias, self.stride, self.padding, self.dilation)
+        return self._conv_forward(x, weight, bias)
+
     def forward(self: Any, input: Tensor) -> Tensor:
         if self._own_noise():
-            return self._estimated(input, self._conv_forward, dims)
-        weight, bias = self.weight, self.bias  # read once: with recompute_samples a read draws
-        if (dims == 2 and self.padding_mode == "zeros" and sampling_active() and not isinstance(weight, nn.Parameter)
-                and not torch.compiler.is_compiling()
-                and conv2d_by_gemm(input, weight.shape, self.stride, self.padding, self.dilation, self.groups)):
-            # per-sample weights (the sampler's) on small maps: one GEMM for all samples under vmap
-            return SampleConv2d.apply(input, weight, bias, self.stride, self.padding, self.dilation)
-        return self._conv_forward(input, weight, bias)
+            return self._estimated(input, lambda x, w, b: conv(self, x, w, b), dims)
+        return conv(self, input, self.weight, self.bias)  # weight read once: with recompute_samples a read draws
 
     return forward
 

@@ -219,6 +219,35 @@ def _twice(model: nn.Module) -> nn.Module:
     return m
 
 
+class _GemmConv(nn.Module):
+    """A ``Conv2d`` that computes as bayesify's per-sample convolutions do on small maps: one GEMM
+    over the unfolded input where the output has at most ``GEMM_MAX_POSITIONS`` positions."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from bayesify import _batched
+
+        c = self.conv
+        if c.padding_mode != "zeros" or not _batched.conv2d_by_gemm(x, c.weight.shape, c.stride, c.padding,
+                                                                    c.dilation, c.groups):
+            return c(x)
+        pair = _batched._pair
+        return _batched._BatchedConv2dGemm.apply(x, c.weight[None], c.bias, pair(c.stride), pair(c.padding),
+                                                 pair(c.dilation))[0]
+
+
+def _gemm_convs(model: nn.Module) -> nn.Module:
+    m = copy.deepcopy(model)
+    for parent in list(m.modules()):
+        for key, child in list(parent._modules.items()):
+            if type(child) is nn.Conv2d:
+                parent._modules[key] = _GemmConv(child)
+    return m
+
+
 class BayesifyRunner(Runner):
     def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
         import bayesify as bf
@@ -313,6 +342,9 @@ CONTENDERS = [
               "reference: the point model on 10xB plus torch.randn for 10 samples of every non-embedding weight"),
     Contender("ref: point, layers twice", _twice, PointRunner,
               "reference: the point model on 10xB with every Linear/Conv2d also run on x*x (local/flipout arithmetic)"),
+    Contender("ref: point + GEMM small-map convs", _gemm_convs, PointRunner,
+              "reference: the point model on 10xB with convolutions of <= 4 output positions computed as "
+              "bayesify's per-sample ones (one GEMM over the unfolded input)", ("resnet18",)),
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
     Contender("bayesify recompute", _bayesify(None), RecomputeRunner,
               "bf.bayesify(model), forward with recompute_samples=True"),

@@ -736,6 +736,29 @@ def test_small_map_convolution_by_gemm_equals_vmapped_conv2d(x_in, bias, geometr
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("x_dim", [0, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_map_convolution_with_one_weight_for_all_samples_by_gemm(x_dim, bias):
+    # Local reparameterisation convolves every sample's input with the means (no sample dim on
+    # the weight): the GEMM rule then folds samples into the batch.
+    from bayesify._batched import SampleConv2d
+
+    g = _gen(2)
+    x = torch.randn(3, 2, 4, 2, 2, generator=g).movedim(0, x_dim).requires_grad_()
+    w = torch.randn(5, 4, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(5, generator=g, requires_grad=True) if bias else None
+    inputs = [t for t in (x, w, b) if t is not None]
+
+    def conv(fn):
+        return torch.vmap(lambda a, ww, bb: fn(a, ww, bb, 1, 1, 1), in_dims=(x_dim, None, None))(x, w, b)
+
+    ref, out = conv(F.conv2d), conv(SampleConv2d.apply)
+    torch.testing.assert_close(out, ref)
+    up = torch.randn(ref.shape, generator=g)
+    for got, want in zip(torch.autograd.grad(out, inputs, up), torch.autograd.grad(ref, inputs, up)):
+        torch.testing.assert_close(got, want)
+
+
 def test_small_map_convolution_output_can_be_modified_in_place(monkeypatch):
     # ResNet's ReLU(inplace=True) after a convolution on a 1x1 map (the GEMM rule); the same
     # outputs and gradients as with PyTorch's own rule for every convolution.
