@@ -53,7 +53,8 @@ class SampleLinear(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, int]:
         x_dim, w_dim, b_dim = in_dims
-        if w_dim is None or weight.dim() != 3:  # weights shared by the samples: the usual rule
+        if w_dim is None or weight.dim() != 3 or x.shape[-1] != weight.shape[-1]:
+            # weights shared by the samples (or shapes that do not fit: PyTorch's own error)
             return torch.vmap(F.linear, in_dims=in_dims)(x, weight, bias), 0
         w = weight.movedim(w_dim, 0)
         b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)

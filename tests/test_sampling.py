@@ -779,3 +779,16 @@ def test_small_map_convolution_output_can_be_modified_in_place(monkeypatch):
     torch.testing.assert_close(out, ref)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_layer_kernels_under_autocast():
+    # Inside a custom Function's vmap rule autocast's casts are lost: with the GEMM convolution
+    # under autocast the next (PyTorch) convolution got bfloat16 inputs and float32 weights.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 2, padding="same"),
+                          nn.Flatten(), nn.Linear(16, 2))
+    bnn = bf.bayesify(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bnn(torch.randn(5, 3, 2, 2), samples=3)
+    (out.float().sum() + out.log_probs.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in bnn.parameters() if p.grad is not None)
