@@ -261,3 +261,54 @@ def _columns(x: Tensor, w_shape: tuple[int, ...], stride: tuple[int, int], paddi
     if x.dim() == 4:
         return cols.transpose(0, 1).reshape(k, -1), (ho, wo)
     return cols.view(x.shape[0], x.shape[1], k, L).transpose(1, 2).reshape(x.shape[0], k, -1), (ho, wo)
+
+
+#: ``F.scaled_dot_product_attention`` as PyTorch defines it (bayesify swaps the attribute only
+#: for its vmapped call, see ``bayesify.module._attention_over_samples``).
+SDPA = F.scaled_dot_product_attention
+
+
+class SampleAttention(torch.autograd.Function):
+    """``F.scaled_dot_product_attention`` whose vmap rule folds the samples into the batch:
+    PyTorch has no batching rule for the CPU flash-attention kernel and runs it sample by
+    sample through its slow fallback (with a "performance drop" warning). MiniLM-shaped
+    attention, 10 samples x batch 8, forward + backward, 2 threads: 127 ms through the
+    fallback, 77 ms for the point model's single call on the 80 inputs. Only called inside
+    vmap (see ``bayesify.module``); ``options`` are SDPA's keyword arguments as pairs."""
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, options: tuple) -> Tensor:
+        raise RuntimeError("bayesify's folded attention runs only inside torch.vmap")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, options: tuple
+             ) -> tuple[Tensor, int]:
+        kw = dict(options)
+        dims = in_dims[:4]
+        one_q = q if dims[0] is None else q.select(dims[0], 0)
+        ranks = {t.dim() - (d is not None) for t, d in zip((q, k, v), dims[:3])}
+        if (len(ranks) > 1 or one_q.dim() < 3 or (kw.get("dropout_p", 0.0) > 0 and info.randomness != "different")):
+            def attend(a: Tensor, b: Tensor, c: Tensor, m: Tensor | None) -> Tensor:
+                return SDPA(a, b, c, attn_mask=m, **kw)
+
+            return torch.vmap(attend, in_dims=dims, randomness=info.randomness)(q, k, v, mask), 0
+        s = info.batch_size
+
+        def fold(t: Tensor, d: int | None, rank: int) -> Tensor:
+            """``t`` (one sample's rank ``rank``) as ``(S * lead, ...)``: samples first, folded
+            into its leading dim (expanded where ``t`` is not batched or broadcasts there)."""
+            t = t.unsqueeze(0) if d is None else t.movedim(d, 0)
+            while t.dim() < rank + 1:  # a mask of lower rank broadcasts from the right
+                t = t.unsqueeze(1)
+            lead = max(t.shape[1], one_q.shape[0])
+            t = t.expand(s, lead, *t.shape[2:])
+            return t.reshape(s * lead, *t.shape[2:])
+
+        rank = one_q.dim()
+        out = SDPA(fold(q, dims[0], rank), fold(k, dims[1], rank), fold(v, dims[2], rank),
+                   attn_mask=None if mask is None else fold(mask, dims[3], rank), **kw)
+        return out.view(s, one_q.shape[0], *out.shape[1:]), 0

@@ -339,7 +339,7 @@ class VIModule(nn.Module):
         if self._vmap_failure is None:
             try:
                 # The sample index gives vmap a batched input even when no weight is sampled.
-                with _stochastic_depth_per_sample(self):
+                with _stochastic_depth_per_sample(self), _attention_over_samples():
                     return torch.vmap(one, randomness="different")(batched, torch.arange(n)), writeback
             except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
                 reason = _vmap_reason(exc)
@@ -404,6 +404,35 @@ def _stochastic_depth_per_sample(root: nn.Module) -> Iterator[None]:
     finally:
         for m in mods:
             m.__class__ = base
+
+
+@contextmanager
+def _attention_over_samples() -> Iterator[None]:
+    """For one vmapped call, ``F.scaled_dot_product_attention`` (looked up by Hugging Face and
+    torchvision at call time) folds the samples into the batch (``bayesify._batched.SampleAttention``)
+    when called from this thread's sampled forward; any other caller gets PyTorch's function."""
+    import torch.nn.functional as F
+
+    from . import _batched
+
+    if F.scaled_dot_product_attention is not _batched.SDPA:  # nested, or replaced by someone else
+        yield
+        return
+
+    def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                  enable_gqa: bool = False) -> Tensor:
+        options = (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale), ("enable_gqa", enable_gqa))
+        if (getattr(_STATE, "sample_index", None) is None or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(query.device.type)):
+            return _batched.SDPA(query, key, value, attn_mask=attn_mask, **dict(options))
+        return _batched.SampleAttention.apply(query, key, value, attn_mask, options)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _batched.SDPA
 
 
 def _fold(terms: list[Any], drawn: dict[str, tuple[Any, Any]], zeros: Tensor) -> tuple[Tensor, Tensor]:

@@ -792,3 +792,61 @@ def test_layer_kernels_under_autocast():
         out = bnn(torch.randn(5, 3, 2, 2), samples=3)
     (out.float().sum() + out.log_probs.sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in bnn.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dims, mask_shape, options", [
+    ((0, 0, 0, None), None, {}),
+    ((0, 0, 0, None), (2, 1, 5, 5), {}),
+    ((0, None, 0, 0), (2, 1, 5, 5), {"scale": 0.3}),
+    ((2, 0, 1, None), (5, 5), {}),
+    ((0, 0, 0, 0), (1, 1, 5, 5), {}),
+    ((0, 0, 0, None), None, {"is_causal": True}),
+])
+def test_attention_folds_samples_into_the_batch(dims, mask_shape, options):
+    from bayesify._batched import SDPA, SampleAttention
+
+    g = _gen(3)
+    s, shape = 3, (2, 4, 5, 6)
+
+    def make(d: int | None, one: tuple[int, ...]) -> Tensor:
+        t = torch.randn(one, generator=g) if d is None else torch.randn(s, *one, generator=g).movedim(0, d)
+        return t
+
+    q, k, v = (make(d, shape).requires_grad_() for d in dims[:3])
+    mask = None if mask_shape is None else make(dims[3], mask_shape)
+    opts = {"dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False, **options}
+    ref = torch.vmap(lambda a, b, c, m: SDPA(a, b, c, attn_mask=m, **opts), in_dims=dims)(q, k, v, mask)
+    out = torch.vmap(lambda a, b, c, m: SampleAttention.apply(a, b, c, m, tuple(opts.items())), in_dims=dims)(
+        q, k, v, mask)
+    torch.testing.assert_close(out, ref)
+    up = torch.randn(ref.shape, generator=g)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+        torch.testing.assert_close(got, want)
+
+
+def test_minilm_attention_runs_folded_and_is_restored(monkeypatch):
+    # Hugging Face calls F.scaled_dot_product_attention; PyTorch has no vmap rule for the CPU
+    # flash kernel ("performance drop" warning, per-sample fallback). bayesify folds the samples
+    # into the batch for its vmapped call only: same outputs, no warning, the function restored.
+    from contextlib import nullcontext
+
+    from bayesify import _batched, module
+
+    from .models import _minilm
+
+    bnn = bf.bayesify(_minilm()).eval()
+    ids = torch.randint(1000, 2000, (2, 8), generator=_gen(0))
+
+    def run() -> Tensor:
+        with torch.no_grad():
+            return bnn(input_ids=ids, samples=3, generator=_gen(1)).last_hidden_state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's UserWarning would raise here
+        out = run()
+    assert F.scaled_dot_product_attention is _batched.SDPA
+    monkeypatch.setattr(module, "_attention_over_samples", nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = run()  # PyTorch's own (per-sample fallback) attention
+    torch.testing.assert_close(out, ref)
