@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SampleLinear", "SampleConv2d", "conv2d_by_gemm"]
+__all__ = ["SampleLinear", "SampleConv2d", "SampleAttention", "conv2d_by_gemm", "conv2d_gemm", "kernels_apply"]
 
 
 class SampleLinear(torch.autograd.Function):
@@ -130,11 +130,30 @@ def conv2d_by_gemm(x: Tensor, weight_shape: tuple[int, ...], stride: Any, paddin
     """Whether a per-sample ``conv2d`` of ``x`` (one sample's input) runs as a GEMM."""
     if groups != 1 or isinstance(padding, str) or x.dim() not in (3, 4):
         return False
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    kh, kw = weight_shape[-2:]
-    ho = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _output_size(x.shape[-2:], weight_shape[-2:], _pair(stride), _pair(padding), _pair(dilation))
     return ho * wo <= GEMM_MAX_POSITIONS
+
+
+def _output_size(hw: Any, kernel: Any, stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int]) -> tuple[int, int]:
+    """``(Ho, Wo)`` of a convolution of an ``hw`` map."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // st + 1  # type: ignore[return-value]
+                 for n, k, st, p, d in zip(hw, kernel, stride, padding, dilation))
+
+
+def conv2d_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any) -> Tensor:
+    """``F.conv2d(x, weight, bias, ...)`` (``x`` ``(N, C, H, W)``, ``groups=1``) as one GEMM over
+    the unfolded input: what the vmap rule below runs for one weight over every sample's batch
+    (and ``benchmarks/bench.py``'s point-model reference with the same kernels)."""
+    return _BatchedConv2dGemm.apply(x, weight[None], bias, _pair(stride), _pair(padding), _pair(dilation))[0]
+
+
+def kernels_apply(x: Tensor) -> bool:
+    """Whether this module's kernels may replace PyTorch's rules for ``x``: not while compiling
+    (Dynamo traces PyTorch's own rules) and not under autocast (inside a custom Function's vmap
+    rule autocast's casts are lost: a following convolution then saw bfloat16 inputs with
+    float32 weights)."""
+    return not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
 
 
 class SampleConv2d(torch.autograd.Function):
@@ -185,7 +204,7 @@ class SampleConv2d(torch.autograd.Function):
         xs = x if x_dim is None else x.movedim(x_dim, 0)
         if w_dim is None:  # one weight for every sample (local reparameterisation): samples x batch
             n = xs.shape[0] if unbatched else xs.shape[0] * xs.shape[1]
-            out = _BatchedConv2dGemm.apply(xs.reshape(n, *one.shape[-3:]), weight[None], bias, *geometry)[0]
+            out = conv2d_gemm(xs.reshape(n, *one.shape[-3:]), weight, bias, *geometry)
             return out.view(*xs.shape[:-3], *out.shape[1:]), 0
         w = weight.movedim(w_dim, 0)
         b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
@@ -254,8 +273,7 @@ def _columns(x: Tensor, w_shape: tuple[int, ...], stride: tuple[int, int], paddi
     (``K = C kh kw``, ``L = Ho Wo``), and the output size ``(Ho, Wo)``."""
     c, kh, kw = w_shape[-3:]
     h, wd = x.shape[-2:]
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = _output_size((h, wd), (kh, kw), stride, padding, dilation)
     cols = F.unfold(x.reshape(-1, c, h, wd), (kh, kw), dilation=dilation, padding=padding, stride=stride)
     k, L = cols.shape[1:]
     if x.dim() == 4:

@@ -423,8 +423,7 @@ def _attention_over_samples() -> Iterator[None]:
                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                   enable_gqa: bool = False) -> Tensor:
         options = (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale), ("enable_gqa", enable_gqa))
-        if (getattr(_STATE, "sample_index", None) is None or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled(query.device.type)):
+        if getattr(_STATE, "sample_index", None) is None or not _batched.kernels_apply(query):
             return _batched.SDPA(query, key, value, attn_mask=attn_mask, **dict(options))
         return _batched.SampleAttention.apply(query, key, value, attn_mask, options)
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._batched import SampleConv2d, SampleLinear, conv2d_by_gemm
+from ._batched import SampleConv2d, SampleLinear, conv2d_by_gemm, kernels_apply
 from .module import VIModule, sampling_active
 from .priors import Normal, Prior, get_prior
 from .sites import make_bayesian, remove_bayesian, validate_estimator
@@ -173,17 +173,9 @@ def _signs(like: Tensor, shared_trailing: int) -> Tensor:
     return torch.randn(shape, dtype=like.dtype, device=like.device).sign()
 
 
-def _own_kernels(x: Tensor) -> bool:
-    """Whether the per-sample layer kernels of ``bayesify._batched`` apply: not while compiling
-    (Dynamo traces PyTorch's own rules) and not under autocast (inside a custom Function's vmap
-    rule autocast's casts are lost: a following convolution then saw bfloat16 inputs with
-    float32 weights)."""
-    return not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
-
-
 def _conv_forward_with_estimators(dims: int) -> Any:
     def conv(self: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if (dims == 2 and self.padding_mode == "zeros" and sampling_active() and _own_kernels(x)
+        if (dims == 2 and self.padding_mode == "zeros" and sampling_active() and kernels_apply(x)
                 and conv2d_by_gemm(x, weight.shape, self.stride, self.padding, self.dilation, self.groups)):
             # small maps while sampling: one GEMM for all samples under vmap (see bayesify._batched)
             return SampleConv2d.apply(x, weight, bias, self.stride, self.padding, self.dilation)
@@ -237,7 +229,7 @@ class VILinear(VILayer, nn.Linear):
         if self._own_noise():
             return self._estimated(input, F.linear, 0)
         weight, bias = self.weight, self.bias  # read once: with recompute_samples a read draws
-        if sampling_active() and not isinstance(weight, nn.Parameter) and _own_kernels(input):
+        if sampling_active() and not isinstance(weight, nn.Parameter) and kernels_apply(input):
             return SampleLinear.apply(input, weight, bias)  # per-sample weights (the sampler's)
         return F.linear(input, weight, bias)
 

@@ -234,9 +234,7 @@ class _GemmConv(nn.Module):
         if c.padding_mode != "zeros" or not _batched.conv2d_by_gemm(x, c.weight.shape, c.stride, c.padding,
                                                                     c.dilation, c.groups):
             return c(x)
-        pair = _batched._pair
-        return _batched._BatchedConv2dGemm.apply(x, c.weight[None], c.bias, pair(c.stride), pair(c.padding),
-                                                 pair(c.dilation))[0]
+        return _batched.conv2d_gemm(x, c.weight, c.bias, c.stride, c.padding, c.dilation)
 
 
 def _gemm_convs(model: nn.Module) -> nn.Module:
