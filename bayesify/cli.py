@@ -420,11 +420,29 @@ def _load_hf(path: str) -> Loaded:
         names = getattr(config, "architectures", None) or []
         cls = getattr(transformers, names[0], None) if names else None
         cls = cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else transformers.AutoModel
-        model = cls.from_pretrained(path, local_files_only=True)
+        model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types
         raise CLIError(f"{path}: cannot load the Hugging Face model ({type(exc).__name__}: "
                        f"{_one_line(exc, 200)})") from None
+    # transformers' own load report is silenced above, so its findings are ours to report:
+    # a missing tensor would be converted from its random initialisation.
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    total = len(model.state_dict())
+    if missing:
+        raise CLIError(f"{path}: its weights lack {len(missing)} of the {total} tensors of {type(model).__name__} "
+                       f"({_few(missing)}); converting would keep their random initialisation. Save the model "
+                       "with save_pretrained, or check that config.json names the architecture the weights "
+                       "belong to")
+    if unexpected:
+        import warnings
+
+        warnings.warn(f"{path}: {len(unexpected)} tensor(s) in its weights are not used by "
+                      f"{type(model).__name__} ({_few(unexpected)})", UserWarning, stacklevel=2)
     return Loaded(model, f"Hugging Face {type(model).__name__}")
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 # -- commands -------------------------------------------------------------------------------------------
