@@ -155,6 +155,11 @@ def bayesify(
     if arch is not None or arch_kwargs is not None:
         recipe = arch_recipe(model, arch, arch_kwargs, embed=False)[0]
     the_plan, swaps, generic = build_plan(model, selection, rules, other_params, _vparams_per_param(q), trace)
+    if not the_plan.converted:  # a "Bayesian" model without a single random weight is a mistake
+        raise ValueError(f"nothing to convert: include={include!r}, exclude={exclude!r}, other_params="
+                         f"{other_params!r} leave no parameter of {type(model).__name__} Bayesian "
+                         f"({len(the_plan.skipped)} modules skipped); widen include or narrow exclude "
+                         "(bf.plan(model, ...) shows what each module would become)")
     for w in the_plan.warnings:
         warnings.warn(w, UserWarning, stacklevel=2)
 
