@@ -21,8 +21,9 @@ Without ``trust_code`` it is allowed only when
   not the current directory nor the running script's directory, where a planted
   ``torchvision.py`` would shadow it;
 
-and never when a part of the module name is a dunder such as ``__main__`` (importing
-``pkg.__main__`` runs that package's command line). The callable itself must be an
+and never when a part of the module name is private (``_internal``) or a dunder such as
+``__main__`` (importing ``pkg.__main__`` runs that package's command line), unless it is
+already imported. The callable itself must be an
 ``nn.Module`` class or a function annotated to return one, never a standard-library one.
 A ``"module:callable"`` the user passes (``arch=``, ``--arch``) is the user's own choice
 and is imported as given.
@@ -216,6 +217,9 @@ def check_importable(mod_name: str, target: str | None = None, where: str | None
         raise UntrustedImport(f"refusing to import {mod_name!r} (named by the file for {target}): a "
                               f"{parts[-1] if parts[-1].startswith('__') else 'dunder'} module runs code when "
                               "imported; " + hint)
+    if any(p.startswith("_") for p in parts):  # private modules: test harnesses, entry points, internals
+        raise UntrustedImport(f"refusing to import the private module {mod_name!r} named by the file (for "
+                              f"{target}); " + hint)
     top = parts[0]
     if top not in TRUSTED_PACKAGES:
         raise UntrustedImport(f"refusing to import module {mod_name!r} named by the file (for {target}): it "
