@@ -184,9 +184,8 @@ def _check_program_json(prog: Any, rel: str) -> None:
         raise ValueError(f"damaged torch.export archive ({rel})")
     for guard in prog.get("guards_code") or []:
         _check_expression(guard, "guard")
-    for key in (prog.get("range_constraints") or {}):
-        if not re.fullmatch(r"[A-Za-z_]\w*", str(key)):
-            raise _Untrusted(f"symbol name {key!r} is not an identifier")
+    for key in (prog.get("range_constraints") or {}):  # a symbol or a size expression ('2*s74')
+        _check_expression(key, "range constraint")
     stack = [prog]
     while stack:
         node = stack.pop()
@@ -283,10 +282,17 @@ def _check_expression(text: Any, what: str) -> None:
 
 def _check_power(base: ast.AST, exponent: ast.AST, text: str, what: str) -> None:
     """``base ** exponent`` (or a shift) must be cheap to evaluate whatever the symbols are."""
-    e = exponent.operand if isinstance(exponent, ast.UnaryOp) and isinstance(exponent.op, ast.USub) else exponent
+    e = exponent
+    for _ in range(3):  # -2, Integer(2), Integer(-2), -Integer(2)
+        if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.USub):
+            e = e.operand
+        elif (isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id in ("Integer", "Float")
+              and len(e.args) == 1 and not e.keywords):
+            e = e.args[0]
     small = isinstance(e, ast.Constant) and isinstance(e.value, (int, float)) and not isinstance(e.value, bool) \
         and abs(e.value) <= _MAX_EXPONENT
-    symbol = isinstance(e, ast.Name) and bool(re.fullmatch(r"[a-z]+\d+", e.id))
+    symbol = (isinstance(e, ast.Name) and bool(re.fullmatch(r"[a-z]+\d+", e.id))) or (
+        isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == "Symbol")
     nested = any(isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Pow, ast.LShift, ast.RShift))
                  or isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _POWER_CALLS
                  for n in ast.walk(base))

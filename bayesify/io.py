@@ -403,17 +403,23 @@ def removing_on_sigterm() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise _Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:  # the caller chose to ignore SIGTERM: keep it so
+        yield
+        return
+    restore = previous if previous is not None else signal.SIG_DFL  # None: installed outside Python
+    signal.signal(signal.SIGTERM, handler)
+    delivered = False
     try:
         yield
     except _Terminated:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        previous = None
+        signal.signal(signal.SIGTERM, restore)
+        delivered = True
         os.kill(os.getpid(), signal.SIGTERM)  # the previous handler decides (default: end the process)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if not delivered:
+            signal.signal(signal.SIGTERM, restore)
 
 
 def _check_ties(model: nn.Module, aliases: dict[str, str], where: str) -> None:

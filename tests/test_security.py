@@ -261,6 +261,31 @@ def test_crafted_programs_are_refused_within_a_second(tmp_path: Path) -> None:
     assert "zip bomb" in results["bomb.pt2"][0]
 
 
+class _Shapes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x).reshape(x.shape[0], 4, -1).mean(-1)
+        return self.fc(y) * x.shape[2] ** 2, y[: x.shape[0] // 2]
+
+
+def test_honest_programs_with_powers_and_derived_sizes_still_load() -> None:
+    """torch writes Pow(Symbol, Integer(2)), guards on x.size(), and '2*s0' range keys."""
+    import io
+
+    half = torch.export.Dim("half", min=1, max=32)
+    ep = torch.export.export(_Shapes(), (torch.randn(4, 3, 8, 8),),
+                             dynamic_shapes=({0: 2 * half, 2: torch.export.Dim("h", min=4, max=32)},))
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    text = buf.getvalue().decode("latin-1")
+    assert "Pow(" in text and "guards_code" in text
+    out = load_exported_program(buf.getvalue()).module()(torch.randn(6, 3, 5, 8))
+    assert out[0].shape == (6, 2) and out[1].shape == (3, 4)
+
+
 # -- 5. outputs that are not regular files; SIGTERM during a write --------------------------------------
 def _char_device(tmp_path: Path) -> Path:
     """A character device that may be replaced without harm: our own copy of /dev/null as root."""
