@@ -151,6 +151,8 @@ def build_arch(recipe: dict[str, Any], where: str = "recipe", program: Tensor | 
             raise ValueError(f"unknown architecture recipe {kind!r}")
     except UntrustedImport as exc:
         raise UntrustedImport(f"{where}: {exc}") from None
+    except _Untrusted as exc:  # an embedded program that would run code or not evaluate cheaply
+        raise _Untrusted(f"{where}: cannot rebuild the architecture: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"{where}: cannot rebuild the architecture: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - user code: report, do not crash

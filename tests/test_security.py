@@ -224,7 +224,11 @@ for path in sys.argv[1:]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     try:
-        load_exported_program(path)
+        if path.endswith(".bnn"):
+            import bayesify as bf
+            bf.load(path)
+        else:
+            load_exported_program(path)
         outcome = "loaded"
     except _Untrusted as exc:
         outcome = "untrusted: " + str(exc)
@@ -247,6 +251,13 @@ def test_crafted_programs_are_refused_within_a_second(tmp_path: Path) -> None:
     }
     for name, data in crafted.items():
         (tmp_path / name).write_bytes(data)
+    from bayesify.recipe import exported_module
+
+    ep = torch.export.load(__import__("io").BytesIO(good))
+    bf.save(bf.bayesify(exported_module(ep)), tmp_path / "good.bnn", arch=ep)  # the program embedded
+    _rewrite(tmp_path / "good.bnn", tmp_path / "power.bnn", tensors=lambda t: t.update(
+        {"__bayesify__.exported_program": torch.frombuffer(bytearray(crafted["power.pt2"]), dtype=torch.uint8)}))
+    crafted["power.bnn"] = b""
     assert len(crafted["bomb.pt2"]) < 3 << 20  # ~1.5 MB on disk, 1.5 GiB inflated
     with zipfile.ZipFile(tmp_path / "bomb.pt2") as z:
         assert max(i.file_size for i in z.infolist()) == 3 << 29
