@@ -11,14 +11,22 @@ Data flow of one sampled forward (all in :meth:`VIModule._sampled_call`):
 3. return every output tensor with a leading sample dimension and, in training
    mode, ``log_probs`` ``(S, 2)`` (prior, variational) and ``kl_analytic`` attached.
 
-Where vmap cannot run the model, the same draws are evaluated one by one with a
-warning naming the cause. With ``recompute_samples=True`` step 1 draws only the seeds:
+Inside the vmapped forward, ``_vmap_rules`` adapts a few operators for that call on this
+thread only (attention, torchvision's stochastic depth). Tensors that depend on no sampled
+weight stay unbatched, so a frozen prefix (a partial conversion) runs once for all samples.
+
+Where the vmapped call raises, the same draws are evaluated one by one: if that raises too,
+the error is the user's and propagates as the loop raised it (as the point model words it);
+if it succeeds, the samples are returned with a warning naming vmap's error, which is
+remembered for later calls only where vmap names itself as the cause (data-dependent control
+flow, a missing batching rule). With ``recompute_samples=True`` step 1 draws only the seeds:
 each seeded site is drawn inside step 2 where the forward first reads it, and autograd
 keeps a recipe instead of the sample (``_normal.SampleRecompute``).
 
 BatchNorm in training mode: each sample normalises with its own batch
 statistics; the running statistics move by the *mean over samples* of the
-per-sample updates (identical to the point model's update when the samples agree).
+per-sample updates (identical to the point model's update when the samples agree;
+``_vmap_rules.batchnorm_state``).
 """
 
 from __future__ import annotations
