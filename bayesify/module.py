@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._batched import PointModelError
 from ._normal import SampleRecompute, draw_seed
-from ._state import _STATE, _active, sampling_active  # noqa: F401  (_STATE: re-exported)
+from ._state import _active, sampling_active
 from ._vmap_rules import BatchNormUpdate, batchnorm_state, vmap_rules
 from .sites import Site, analytic_kl, iter_sites
 
