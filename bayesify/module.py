@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._batched import PointModelError
 from ._normal import SampleRecompute, draw_seed
-from ._state import _active, sampling_active
+from ._state import _active, sampled_call_lock, sampling_active
 from ._vmap_rules import BatchNormUpdate, batchnorm_state, vmap_rules
 from .sites import Site, analytic_kl, iter_sites
 
@@ -115,7 +115,9 @@ class VIModule(nn.Module):
             raise TypeError(f"recompute_samples must be True or False, got {recompute_samples!r}")
         # recompute_samples: no weight sample is kept for backward; backward draws it again.
         rec = SampleRecompute() if recompute_samples and torch.is_grad_enabled() else None
-        with _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
+        # The samples are substituted into this model's parameter slots: one thread at a time.
+        turn = nullcontext() if torch.compiler.is_compiling() else sampled_call_lock(self)
+        with turn, _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
             if rec is not None:  # eager even under torch.compile: Dynamo would read the means, not the draws
                 return self._sampled_call_eager(args, kwargs, n, generator, chunk_size, rec)
             return self._sampled_call(args, kwargs, n, generator, chunk_size)
