@@ -39,6 +39,7 @@ import inspect
 import io as _io
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -270,7 +271,7 @@ def build_arch(recipe: dict[str, Any], where: str = "recipe", program: Tensor | 
 
             if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
                 raise ValueError(f"{recipe['target']} is not a transformers PreTrainedModel class")
-            config = cls.config_class.from_dict(dict(recipe["config"]))
+            config = cls.config_class.from_dict(dict(recipe["config"]), **_hf_attn_implementation(recipe))
             model = cls(config)
         elif kind == "callable" or override is not None:
             fn = override if callable(override) else resolve_callable(override or recipe["target"],
@@ -383,7 +384,24 @@ def _hf_recipe(model: nn.Module) -> dict[str, Any] | None:
     target = (f"transformers:{cls.__name__}" if getattr(transformers, cls.__name__, None) is cls
               else _target_of(cls))
     config = json.loads(model.config.to_json_string(use_diff=False))
-    return {"kind": "transformers", "target": target, "config": config}
+    recipe = {"kind": "transformers", "target": target, "config": config}
+    # Construction settings that config.to_dict() leaves out but that change the outputs.
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn is not None:
+        recipe["attn_implementation"] = attn
+    return recipe
+
+
+def _hf_attn_implementation(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``{"attn_implementation": ...}`` for ``from_dict`` from a recipe: only the built-in
+    implementations, never a Hub kernel (``"org/repo"``, which would fetch and run code)."""
+    attn = recipe.get("attn_implementation")
+    if attn is None:
+        return {}
+    values = list(attn.values()) if isinstance(attn, dict) else [attn]
+    if not all(v is None or (isinstance(v, str) and re.fullmatch(r"[a-z0-9_|]+", v)) for v in values):
+        raise ValueError(f"attn_implementation must name a built-in attention (e.g. 'eager', 'sdpa'), got {attn!r}")
+    return {"attn_implementation": attn}
 
 
 def _check_kwargs(kwargs: Any) -> dict[str, Any]:
