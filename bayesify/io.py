@@ -229,7 +229,7 @@ def arch_recipe(model: nn.Module | None, arch: Any = None, arch_kwargs: dict[str
         return {"kind": "callable", "target": target, "kwargs": kwargs}, None
     if model is None:
         raise ValueError("no architecture given: pass arch='module:callable'")
-    hf = _hf_recipe(model)
+    hf = _peft_recipe(model) or _hf_recipe(model)
     if hf is not None:
         if arch_kwargs:
             raise ValueError("arch_kwargs cannot be used with a Hugging Face model (its config is recorded)")
@@ -273,6 +273,8 @@ def build_arch(recipe: dict[str, Any], where: str = "recipe", program: Tensor | 
                 raise ValueError(f"{recipe['target']} is not a transformers PreTrainedModel class")
             config = cls.config_class.from_dict(dict(recipe["config"]), **_hf_attn_implementation(recipe))
             model = cls(config)
+        elif kind == "peft" and override is None:
+            model = _build_peft(recipe)
         elif kind == "callable" or override is not None:
             fn = override if callable(override) else resolve_callable(override or recipe["target"],
                                                                       trusted=override is not None)
@@ -390,6 +392,41 @@ def _hf_recipe(model: nn.Module) -> dict[str, Any] | None:
     if attn is not None:
         recipe["attn_implementation"] = attn
     return recipe
+
+
+def _peft_recipe(model: nn.Module) -> dict[str, Any] | None:
+    """A PEFT model (e.g. LoRA adapters): the base model's Hugging Face recipe and the adapters' configs."""
+    peft = sys.modules.get("peft")
+    if peft is None or not isinstance(model, peft.PeftModel):
+        return None
+    base = _hf_recipe(model.get_base_model())
+    if base is None:
+        return None
+    adapters = {name: json.loads(json.dumps(cfg.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+                for name, cfg in model.peft_config.items()}
+    return {"kind": "peft", "base": base, "adapters": adapters, "active": model.active_adapter}
+
+
+def _build_peft(recipe: dict[str, Any]) -> nn.Module:
+    """Rebuild a PEFT model: the base model from its recipe, then its adapters (no Hub access)."""
+    import peft
+
+    base = recipe.get("base")
+    adapters = recipe.get("adapters")
+    if not isinstance(base, dict) or base.get("kind") != "transformers" or not isinstance(adapters, dict) or not adapters:
+        raise ValueError("a 'peft' recipe needs a Hugging Face 'base' recipe and at least one adapter config")
+    model = None
+    for name, cfg in adapters.items():
+        if not isinstance(cfg, dict) or cfg.get("megatron_config") is not None:
+            raise ValueError(f"adapter {name!r}: expected a plain PEFT config (no megatron_config)")
+        config = peft.PeftConfig.from_peft_type(**{**cfg, "megatron_core": "megatron.core"})
+        if model is None:
+            model = peft.get_peft_model(build_arch(base), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    if recipe.get("active") in adapters:
+        model.set_adapter(recipe["active"])
+    return model
 
 
 def _hf_attn_implementation(recipe: dict[str, Any]) -> dict[str, Any]:
