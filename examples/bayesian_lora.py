@@ -119,7 +119,7 @@ def fine_tune(bnn: bf.BayesianModel, enc: dict[str, Tensor], y: Tensor, steps: i
         opt.step()
         nlls.append(float(nll.detach()))
         if step % 10 == 0 or step == steps - 1:
-            print(f"  step {step + 1:3d}/{steps}  loss {float(loss):8.3f}  nll {nlls[-1]:.3f}", flush=True)
+            print(f"  step {step + 1:3d}/{steps}  loss {float(loss.detach()):8.3f}  nll {nlls[-1]:.3f}", flush=True)
     return nlls
 
 
