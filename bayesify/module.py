@@ -393,14 +393,17 @@ def _drawn_at_use(slots: list[tuple[nn.Module, str, str]], index: Tensor | None,
     """Deferred sites are drawn when the forward reads them. A sample is reused while something
     still holds it (a weight read twice in one forward); once dropped it is not kept (that is
     the point), and a later read draws it again: the same seeds give the same samples, and
-    autograd sums both reads' gradients."""
+    autograd sums both reads' gradients. The log densities are the latest draw's: a read that
+    only looks at metadata (T5's ``self.weight.dtype`` checks) leaves a draw nothing uses, and
+    the weight's whole gradient, data and density terms, then goes through one draw as without
+    recompute (bit for bit), not in parts."""
     assert index is not None and defer is not None and sink is not None
     held: dict[str, weakref.ref] = {}
 
     def getter(key: str) -> Callable[[], Tensor]:
         def draw() -> Tensor:  # runs outside vmap's batching: plain tensors
             w, *logp = defer[key]()
-            sink.setdefault(key, tuple(logp))
+            sink[key] = tuple(logp)  # the latest draw's: an earlier, dropped one is unused
             return w
 
         def get() -> Tensor:

@@ -1,7 +1,7 @@
 """``recompute_samples=True``: no weight sample is kept for backward, backward draws it again.
 
 Invariants: the same outputs, log densities and gradients as the default (bit for bit
-where each weight is read once); the samples are freed when the forward is done; a
+where each weight is used in one module call); the samples are freed when the forward is done; a
 retained graph backpropagates twice; in-place changes between forward and backward are
 errors, as autograd's own check makes them without the hooks.
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections import Counter
 from contextlib import nullcontext
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import bayesify as bf
 import bayesify._normal as normal
@@ -48,12 +50,46 @@ def test_recompute_matches_default(case):
     assert torch.equal(ref[0], got[0])
     assert torch.equal(ref[1], got[1])
     assert ref[2].keys() == got[2].keys() and ref[2]
-    for name in ref[2]:
-        # Bit for bit where every weight is read once per forward; a weight read again after its
-        # sample was dropped (T5's tied embedding) is drawn again, the same values, and its
-        # gradient arrives in parts: equal up to rounding of the sums.
+    reused = {f"model.{n}{rho}" for n in _reused_parameters(case, args, kw) for rho in ("", "_rho")}
+    for name in ref[2].keys() - reused:
+        # Bit for bit, also for a weight whose metadata the forward reads before using it (T5's
+        # layer norms and ``wo`` check ``self.weight.dtype``): that read's draw goes unused, the
+        # weight's whole gradient goes through the draw the forward computes with.
+        assert torch.equal(got[2][name], ref[2][name]), name
+    for name in ref[2].keys() & reused:
+        # A weight used in several module calls (T5's and GPT-2's tied embedding / LM head, a
+        # module called twice) is drawn again for each use after the previous sample was dropped
+        # (the same values); its gradient arrives in parts, one per draw, that float32 sums in
+        # another order. That rounding is a few ulp of the summands dL/dw_s, scaled here by
+        # S = max |dL/dmean|; for rho, backward's eps = (w - mean) / std and the softplus chain
+        # multiply it by (|mean| / std + |eps|) * sigmoid(rho), |eps| < 4. Measured: at most
+        # 1.02 of eps32 * S (* that factor) over GPT-2, T5 and shared_and_raw; 8 of them is
+        # still far below what another draw (a real bug) would change.
+        mean_name = name.removesuffix("_rho")
         r, g = ref[2][name], got[2][name]
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6 * float(r.abs().max()), msg=name)
+        ulp = torch.finfo(r.dtype).eps * ref[2][mean_name].abs().max()
+        if name != mean_name:
+            params = dict(bnn.named_parameters())
+            mean, rho = params[mean_name].detach(), params[name].detach()
+            ulp = ulp * (mean.abs() / F.softplus(rho) + 4) * torch.sigmoid(rho)
+        assert ((g - r).abs() <= 8 * ulp).all(), (name, float(((g - r).abs() / ulp).max()))
+
+
+def _reused_parameters(case, args, kw) -> set[str]:
+    """Names of the point model's parameters that its forward uses in more than one module call."""
+    model = case.build()
+    calls: Counter = Counter()
+    hooks = [m.register_forward_pre_hook(lambda m, _: calls.update([id(m)])) for m in model.modules()]
+    with torch.no_grad():
+        model(*args, **kw)
+    for h in hooks:
+        h.remove()
+    uses: Counter = Counter()
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                uses[id(p)] += calls[id(m)]
+    return {n for n, p in model.named_parameters() if uses[id(p)] > 1}
 
 
 def _track_samples(monkeypatch) -> list[weakref.ref]:
