@@ -406,8 +406,9 @@ def _check_conversion(spec: dict[str, Any]) -> None:
     from .variational import get_variational
 
     try:
-        get_prior(dict(spec["prior"]))
-        get_variational(dict(spec["variational"]))
+        for key, get in (("prior", get_prior), ("variational", get_variational)):  # one spec, or per module
+            for one in ([spec[key]] if "name" in spec[key] else spec[key].values()):
+                get(dict(one))
         json.dumps(spec, allow_nan=False)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"cannot save this model portably: its prior / variational family cannot be "
@@ -437,7 +438,8 @@ def _reconvert(point: nn.Module, conv: dict[str, Any], mapping: dict | None, whe
                             include=None if include is None else [_pattern(p) for p in include],
                             exclude=[_pattern(p) for p in conv.get("exclude", [])],
                             other_params=conv.get("other_params", "bayesian"),
-                            estimator=conv.get("estimator", "reparam"), mapping=mapping, inplace=True)
+                            estimator=conv.get("estimator", "reparam"), mapping=mapping, inplace=True,
+                            new_modules=[])  # what new modules got is recorded in the spec
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{where}: cannot redo the recorded conversion ({exc})") from None
 
