@@ -83,8 +83,14 @@ class Plan:
             prior = f"{e.prior} [i](new)[/i]" if e.new else e.prior
             t.add_row(e.name or "(root)", e.type, e.becomes, prior, f"{e.params_before:,}", f"{e.params_after:,}",
                       "-" if e.calls is None else str(e.calls))
+        unselected = [s for s in self.skipped if s.reason == _NOT_SELECTED]
         for s in self.skipped:
-            t.add_row(s.name or "(root)", s.type, f"[dim]skipped: {s.reason}[/dim]", "", "", "", "")
+            if s.reason != _NOT_SELECTED or len(unselected) <= _MAX_UNSELECTED_ROWS:
+                t.add_row(s.name or "(root)", s.type, f"[dim]skipped: {s.reason}[/dim]", "", "", "", "")
+        if len(unselected) > _MAX_UNSELECTED_ROWS:  # e.g. the frozen blocks of a large model
+            names = ", ".join(s.name for s in unselected[:3])
+            t.add_row(f"[dim]{names}, ... ({len(unselected)} modules)[/dim]", "",
+                      f"[dim]skipped: {_NOT_SELECTED}[/dim]", "", "", "", "")
         t.add_row("[b]total[/b]", "", f"{len(self.converted)} converted, {len(self.skipped)} skipped", "",
                   f"{self.params_before:,}", f"{self.params_after:,}", "")
         return t
@@ -103,6 +109,10 @@ class Plan:
         for w in self.warnings:
             console.print(f"warning: {w}")
         return console.export_text()
+
+
+_NOT_SELECTED = "not selected by include/exclude"
+_MAX_UNSELECTED_ROWS = 8  # more are summarised in one row (the names stay in Plan.skipped)
 
 
 class _NullIO:
@@ -389,7 +399,7 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
             continue
         if type(module) in mapping:
             if not selected:
-                result.skipped.append(SkipEntry(name, tname, "not selected by include/exclude"))
+                result.skipped.append(SkipEntry(name, tname, _NOT_SELECTED))
                 continue
             matched_any = True
             params = [p for p in module.parameters() if id(p) not in seen_params]
@@ -406,7 +416,7 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
         if not own:
             continue
         if not selected:
-            result.skipped.append(SkipEntry(name, tname, "not selected by include/exclude"))
+            result.skipped.append(SkipEntry(name, tname, _NOT_SELECTED))
             continue
         matched_any = True
         if isinstance(module, _BatchNorm):
