@@ -439,7 +439,7 @@ def _reconvert(point: nn.Module, conv: dict[str, Any], mapping: dict | None, whe
                             exclude=[_pattern(p) for p in conv.get("exclude", [])],
                             other_params=conv.get("other_params", "bayesian"),
                             estimator=conv.get("estimator", "reparam"), mapping=mapping, inplace=True,
-                            new_modules=[])  # what new modules got is recorded in the spec
+                            new_modules=conv.get("new_modules", []))  # their priors are in the spec too
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{where}: cannot redo the recorded conversion ({exc})") from None
 

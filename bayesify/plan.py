@@ -175,8 +175,11 @@ class PerModule:
                 raise type(exc)(f"{kind}[{key!r}]: {exc}") from None
             if key == "*":
                 default = resolved
+            elif isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module)):
+                patterns.append((key, resolved))
             else:
-                patterns.extend((pat, resolved) for pat in _patterns(f"{kind} pattern", key))
+                raise TypeError(f"{kind} keys must be glob strings over module names, nn.Module classes or '*'; "
+                                f"got {key!r}")
         return PerModule(kind, tuple(patterns), resolve(None) if default is None else default)
 
     def get(self, name: str, module: nn.Module, ancestors: Sequence[tuple[str, nn.Module]]) -> Any:
