@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SampleLinear", "SampleConv2d", "SampleAttention", "conv2d_by_gemm", "conv2d_gemm", "kernels_apply"]
+__all__ = ["PointModelError", "SampleLinear", "SampleConv2d", "SampleAttention", "conv2d_by_gemm", "conv2d_gemm", "kernels_apply"]
 
 
 class SampleLinear(torch.autograd.Function):
@@ -53,8 +53,10 @@ class SampleLinear(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, int]:
         x_dim, w_dim, b_dim = in_dims
-        if w_dim is None or weight.dim() != 3 or x.shape[-1] != weight.shape[-1]:
-            # weights shared by the samples (or shapes that do not fit: PyTorch's own error)
+        _check_linear_shapes(x if x_dim is None else x.select(x_dim, 0),
+                             weight if w_dim is None else weight.select(w_dim, 0))
+        if w_dim is None or weight.dim() != 3:
+            # weights shared by the samples: PyTorch's own rule
             return torch.vmap(F.linear, in_dims=in_dims)(x, weight, bias), 0
         w = weight.movedim(w_dim, 0)
         b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
@@ -65,6 +67,24 @@ class SampleLinear(torch.autograd.Function):
             lead, x2 = xs.shape[1:-1], xs.reshape(xs.shape[0], -1, xs.shape[-1])
         out = _BatchedLinear.apply(x2, w, b)
         return out.reshape(w.shape[0], *lead, w.shape[1]), 0
+
+
+class PointModelError(RuntimeError):
+    """The error the point model raises for one sample's inputs (raised inside the vmapped call,
+    where PyTorch's batched op would word it for the samples' shapes): the user's error, so the
+    sampler neither retries the call sample by sample nor blames vmap."""
+
+
+def _check_linear_shapes(x: Tensor, weight: Tensor) -> None:
+    """PyTorch's own error for ``F.linear(x, weight)`` of one sample's shapes, where they do not fit:
+    the batched product would say "Expected size for first two dimensions of batch2 tensor ..."
+    with the samples' shapes, where the point model says "mat1 and mat2 shapes cannot be
+    multiplied (5x7 and 4x3)". Checked on zero-stride stand-ins: nothing is computed."""
+    if x.dim() == 0 or weight.dim() == 0 or x.shape[-1] != weight.shape[-1]:
+        try:
+            F.linear(x.new_empty(()).expand(x.shape), weight.new_empty(()).expand(weight.shape))
+        except RuntimeError as exc:
+            raise PointModelError(str(exc)) from None
 
 
 class _BatchedLinear(torch.autograd.Function):
@@ -281,8 +301,8 @@ def _columns(x: Tensor, w_shape: tuple[int, ...], stride: tuple[int, int], paddi
     return cols.view(x.shape[0], x.shape[1], k, L).transpose(1, 2).reshape(x.shape[0], k, -1), (ho, wo)
 
 
-#: ``F.scaled_dot_product_attention`` as PyTorch defines it (bayesify swaps the attribute only
-#: for its vmapped call, see ``bayesify.module._attention_over_samples``).
+#: ``F.scaled_dot_product_attention`` (bayesify intercepts it for its vmapped call only, on the
+#: calling thread: ``bayesify._vmap_rules``).
 SDPA = F.scaled_dot_product_attention
 
 
@@ -292,7 +312,8 @@ class SampleAttention(torch.autograd.Function):
     sample through its slow fallback (with a "performance drop" warning). MiniLM-shaped
     attention, 10 samples x batch 8, forward + backward, 2 threads: 127 ms through the
     fallback, 77 ms for the point model's single call on the 80 inputs. Only called inside
-    vmap (see ``bayesify.module``); ``options`` are SDPA's keyword arguments as pairs."""
+    vmap with an input batched over the samples (see ``bayesify._vmap_rules``); ``options`` are
+    SDPA's keyword arguments as pairs."""
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, options: tuple) -> Tensor:

@@ -9,11 +9,14 @@ MODEL_FILE formats are told apart by their content, never by unpickling:
 - a ``torch.save`` file is first read with ``torch.load(weights_only=True)``: a state dict
   loads (it needs ``--arch``); a whole pickled model fails safely there and is refused
   unless ``--trust-pickle`` is given, because unpickling it runs code from the file;
-- a ``torch.export`` ``.pt2`` program is loaded by :func:`bayesify.io.load_exported_program`,
+- a ``torch.export`` ``.pt2`` program is loaded by :func:`bayesify._pt2.load_exported_program`,
   which refuses the parts of the format that would unpickle or execute code (without
-  ``--trust-pickle``) and is embedded in the output so that ``bf.load`` can rebuild it;
+  ``--trust-pickle``), and archives or expressions too large to check cheaply; it is
+  embedded in the output so that ``bf.load`` can rebuild it;
 - a safetensors state dict (with ``--arch``), a bayesify file (``inspect`` only) and a
-  Hugging Face model directory (``config.json`` + weights) are read without pickle.
+  Hugging Face model directory (``config.json`` + weights) are read without pickle; a
+  bayesify file imports only what :mod:`bayesify.recipe` allows, unless ``--trust-code``;
+  a Hugging Face directory whose weights miss the model's tensors is refused.
 
 Example::
 
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--arch-kwargs", metavar="JSON", help='keyword arguments for --arch, e.g. \'{"num_classes": 10}\'')
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow MODEL_FILE to run code while loading (a pickled whole model); only for trusted files")
+        p.add_argument("--trust-code", action="store_true",
+                       help="allow a bayesify MODEL_FILE to import the module its recipe names even when it is not "
+                            "an installed model package (imports run code); only for trusted files")
         p.add_argument("--include", action="append", metavar="GLOB", help="convert only modules matching (repeatable)")
         p.add_argument("--exclude", action="append", metavar="GLOB", help="leave matching modules alone (repeatable)")
         p.add_argument("--variational", metavar="SPEC", help="e.g. meanfield:init_std=1e-3 or pointmass")
@@ -208,28 +214,39 @@ def _arch_kwargs(args: argparse.Namespace) -> dict | None:
 
 
 def _check_arch(args: argparse.Namespace) -> None:
-    from .io import resolve_callable
+    from .recipe import resolve_callable
 
     if args.arch is not None:
         try:
-            resolve_callable(args.arch)
+            resolve_callable(args.arch, trust_code=True)  # the user's own choice: may import any module
         except (ValueError, TypeError) as exc:
             raise CLIError(f"--arch {args.arch}: {exc}") from None
 
 
 def sniff(path: str) -> str:
     """The kind of MODEL_FILE from its first bytes: 'hf', 'pt2', 'torch', 'pickle', 'safetensors'."""
-    if not os.path.exists(path):
-        raise CLIError(f"{path}: no such file or directory")
-    if os.path.isdir(path):
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such file or directory") from None
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
         if os.path.isfile(os.path.join(path, "config.json")):
             return "hf"
         raise CLIError(f"{path} is a directory without config.json; expected {EXPECTED}")
-    size = os.path.getsize(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise CLIError(f"{path} is not a regular file; expected {EXPECTED}")
+    size = st.st_size
     if size == 0:
         raise CLIError(f"{path} is empty; expected {EXPECTED}")
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as zf:
@@ -259,8 +276,8 @@ def load_input(args: argparse.Namespace, io: _IO, allow_bayesian: bool = False) 
         with io.stage(f"loading Hugging Face model from {path}"):
             return _load_hf(path)
     if kind == "pt2":
-        from ._pt2 import _Untrusted
-        from .io import exported_module, load_exported_program
+        from ._pt2 import _Untrusted, load_exported_program
+        from .recipe import exported_module
 
         with io.stage(f"loading torch.export program {path}"):
             try:
@@ -347,14 +364,14 @@ def _load_safetensors(path: str, args: argparse.Namespace, io: _IO, kwargs: dict
         raise CLIError(f"{path}: damaged safetensors file ({_one_line(exc, 160)})") from None
     if state is None:
         with io.stage(f"loading bayesify file {path}"):
-            bnn = load(path)
+            bnn = load(path, trust_code=args.trust_code or args.trust_pickle)
         return Loaded(None, f"bayesify file ({type(bnn.model).__name__})" if hasattr(bnn, "model")
                       else "bayesify file", bayesian=bnn)
     return _with_arch(state, path, args, kwargs, io)
 
 
 def _with_arch(state: dict, path: str, args: argparse.Namespace, kwargs: dict | None, io: _IO) -> Loaded:
-    from .io import build_arch
+    from .recipe import build_arch
 
     if args.arch is None:
         raise CLIError(f"{path} holds a state dict ({len(state)} tensors) but not the architecture: pass "
@@ -362,7 +379,8 @@ def _with_arch(state: dict, path: str, args: argparse.Namespace, kwargs: dict | 
                        "'{\"num_classes\": 10}')")
     with io.stage(f"building {args.arch}"):
         try:
-            model = build_arch({"kind": "callable", "target": args.arch, "kwargs": kwargs or {}}, where="--arch")
+            model = build_arch({"kind": "callable", "target": args.arch, "kwargs": kwargs or {}}, where="--arch",
+                               trust_code=True)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
     problem = _state_mismatch(model, state)
@@ -378,8 +396,12 @@ def _state_mismatch(model: Any, state: dict) -> str:
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    kinds = [f"{k} {state[k].dtype} vs {own[k].dtype}" for k in own
+             if k in state and state[k].is_floating_point() != own[k].is_floating_point()]
+    meta = [k for k, v in state.items() if v.is_meta]
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes),
+                         ("dtype kind mismatch", kinds), ("on the meta device (no values)", meta)):
         if items:
             parts.append(f"{label} {len(items)} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
     return "; ".join(parts)
@@ -398,11 +420,29 @@ def _load_hf(path: str) -> Loaded:
         names = getattr(config, "architectures", None) or []
         cls = getattr(transformers, names[0], None) if names else None
         cls = cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else transformers.AutoModel
-        model = cls.from_pretrained(path, local_files_only=True)
+        model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types
         raise CLIError(f"{path}: cannot load the Hugging Face model ({type(exc).__name__}: "
                        f"{_one_line(exc, 200)})") from None
+    # transformers' own load report is silenced above, so its findings are ours to report:
+    # a missing tensor would be converted from its random initialisation.
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    total = len(model.state_dict())
+    if missing:
+        raise CLIError(f"{path}: its weights lack {len(missing)} of the {total} tensors of {type(model).__name__} "
+                       f"({_few(missing)}); converting would keep their random initialisation. Save the model "
+                       "with save_pretrained, or check that config.json names the architecture the weights "
+                       "belong to")
+    if unexpected:
+        import warnings
+
+        warnings.warn(f"{path}: {len(unexpected)} tensor(s) in its weights are not used by "
+                      f"{type(model).__name__} ({_few(unexpected)})", UserWarning, stacklevel=2)
     return Loaded(model, f"Hugging Face {type(model).__name__}")
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -450,6 +490,8 @@ def _inspect(args: argparse.Namespace, io: _IO) -> None:
 def _convert(args: argparse.Namespace, io: _IO) -> None:
     import bayesify as bf
 
+    from .io import removing_on_sigterm
+
     out = args.output
     choices = _choices(args)
     _check_output(out, args.force, args.model_file)
@@ -459,6 +501,23 @@ def _convert(args: argparse.Namespace, io: _IO) -> None:
                           include=choices["include"], exclude=choices["exclude"],
                           other_params=choices["other_params"], estimator=args.estimator)
     directory = os.path.dirname(os.path.abspath(out))
+    with removing_on_sigterm():
+        _write_checked(bnn, loaded, out, directory, args, io)
+    p = bnn.conversion_plan
+    size = os.path.getsize(out) / 1e6
+    io.out.print(f"wrote {out} ({size:.1f} MB) from {loaded.description}", soft_wrap=True)
+    io.out.print(f"{len(p.converted)} converted, {len(p.skipped)} skipped: {p.params_before:,} parameters -> "
+                 f"{p.params_after:,}; prior {_spec_text(bnn.conversion['prior'])}, variational "
+                 f"{_spec_text(bnn.conversion['variational'])}", soft_wrap=True)
+    io.out.print(f"load it with: bf.load({out!r})", soft_wrap=True)
+
+
+def _write_checked(bnn: Any, loaded: Loaded, out: str, directory: str, args: argparse.Namespace, io: _IO) -> None:
+    """Write to a hidden temporary file, check that it loads, then rename it onto ``out``."""
+    import bayesify as bf
+
+    from .io import _default_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".part", dir=directory)
     os.close(fd)
     try:
@@ -481,19 +540,6 @@ def _convert(args: argparse.Namespace, io: _IO) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    p = bnn.conversion_plan
-    size = os.path.getsize(out) / 1e6
-    io.out.print(f"wrote {out} ({size:.1f} MB) from {loaded.description}", soft_wrap=True)
-    io.out.print(f"{len(p.converted)} converted, {len(p.skipped)} skipped: {p.params_before:,} parameters -> "
-                 f"{p.params_after:,}; prior {_spec_text(bnn.conversion['prior'])}, variational "
-                 f"{_spec_text(bnn.conversion['variational'])}", soft_wrap=True)
-    io.out.print(f"load it with: bf.load({out!r})", soft_wrap=True)
-
-
-def _default_mode() -> int:
-    from .io import _default_mode as mode
-
-    return mode()
 
 
 def _spec_text(spec: dict) -> str:
@@ -504,8 +550,12 @@ def _spec_text(spec: dict) -> str:
 
 
 def _check_output(out: str, force: bool, source: str) -> None:
-    if os.path.isdir(out):
-        raise CLIError(f"-o {out} is a directory; give a file name")
+    from .io import check_target
+
+    try:
+        check_target(out, "-o")  # '', a directory, a device or a FIFO: refused before any work
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
         raise CLIError(f"-o {out} is MODEL_FILE itself; write to another file")
     if os.path.exists(out) and not force:

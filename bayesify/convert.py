@@ -27,6 +27,7 @@ from .nn import VILayer
 from .plan import (Plan, Selection, build_plan, default_prior, default_variational, settings_of,
                    validate_mapping)
 from .priors import Prior
+from .recipe import arch_recipe
 from .sites import make_bayesian, remove_bayesian
 from .variational import VariationalFamily
 
@@ -152,10 +153,13 @@ def bayesify(
     selection = Selection.of(include, exclude)
     recipe = None
     if arch is not None or arch_kwargs is not None:
-        from .io import arch_recipe
-
         recipe = arch_recipe(model, arch, arch_kwargs, embed=False)[0]
     the_plan, swaps, generic = build_plan(model, selection, rules, other_params, settings, trace)
+    if not the_plan.converted:  # a "Bayesian" model without a single random weight is a mistake
+        raise ValueError(f"nothing to convert: include={include!r}, exclude={exclude!r}, other_params="
+                         f"{other_params!r} leave no parameter of {type(model).__name__} Bayesian "
+                         f"({len(the_plan.skipped)} modules skipped); widen include or narrow exclude "
+                         "(bf.plan(model, ...) shows what each module would become)")
     for w in the_plan.warnings:
         warnings.warn(w, UserWarning, stacklevel=2)
 

@@ -6,25 +6,22 @@ A bayesify file is a `safetensors <https://github.com/huggingface/safetensors>`_
   prior buffers, BatchNorm statistics); tied tensors are stored once;
 - the header's metadata (``"bayesify"``, a JSON document) holds the conversion spec
   (prior, variational family, include / exclude, other_params, estimator), the library
-  versions, and a *recipe* that rebuilds the point architecture:
-
-  ``{"kind": "callable", "target": "torchvision.models:resnet18", "kwargs": {...}}``
-      an ``nn.Module`` class, or a factory function annotated to return one, called
-      with JSON keyword arguments;
-  ``{"kind": "transformers", "target": "transformers:BertModel", "config": {...}}``
-      a Hugging Face model class rebuilt from its ``config.to_dict()``;
-  ``{"kind": "export"}``
-      a ``torch.export`` program, embedded in the file as bytes (a ``uint8`` tensor).
+  versions, and a *recipe* that rebuilds the point architecture (:mod:`bayesify.recipe`):
+  a ``"module:callable"`` with JSON arguments, a Hugging Face class and config, or an
+  embedded ``torch.export`` program.
 
 :func:`load` rebuilds the point model from the recipe, converts it with the same
 settings (``bf.bayesify(model, **spec)``) and loads the tensors with ``strict=True``.
-Nothing is unpickled. A recipe names code that is imported and called, so :func:`load`
-only calls ``nn.Module`` classes and factory functions annotated to return one (never
-a standard-library callable, never with ``trust_remote_code``), and loads embedded
-``torch.export`` programs through :func:`load_exported_program`, which refuses the
-parts of the ``.pt2`` format that would unpickle or execute code. That is a guard, not
-a sandbox: a file chooses which installed model class is built, with its JSON
-arguments, so trust a file as much as the packages it names.
+Nothing is unpickled. What a recipe may import and call is decided before anything is
+imported (:mod:`bayesify.recipe`: already-imported modules and installed model packages
+only, unless ``trust_code=True``); embedded programs load through
+:func:`bayesify._pt2.load_exported_program`, which refuses the parts of the ``.pt2`` format
+that would unpickle or execute code, and sizes or expressions too large to check cheaply.
+
+:func:`save` writes atomically (a hidden temporary file next to the target, then a
+rename), replaces only regular files, and removes the temporary file on an exception or
+SIGTERM; ``kill -9`` can leave that hidden ``.NAME.*.tmp`` file behind, never a partial
+target.
 
 Example::
 
@@ -34,26 +31,27 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import io as _io
 import json
 import os
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from ._pt2 import _first_line, _Untrusted, check_pt2, load_exported_program
+from ._pt2 import _first_line, load_exported_program  # noqa: F401 - load_exported_program: public here too
+from .convert import BayesianModel, bayesify
+from .module import VIModule
+from .nn import VILayer
+from .recipe import _describe, arch_recipe, build_arch, class_pattern, exported_module  # noqa: F401
 
-if TYPE_CHECKING:
-    from .module import VIModule
-
-__all__ = ["save", "load", "read_spec", "arch_recipe", "build_arch", "load_exported_program", "exported_module",
-           "FORMAT_VERSION"]
+__all__ = ["save", "load", "read_spec", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _META_KEY = "bayesify"
@@ -75,12 +73,11 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
             constructible from ``arch_kwargs`` (default: no arguments).
         arch_kwargs: JSON keyword arguments for ``arch`` (or for the model's class).
     """
-    from .convert import BayesianModel
-    from .module import VIModule
-
     if not isinstance(bnn, VIModule):
         raise TypeError(f"save expects a bayesify model (bf.bayesify(...) or a bf.VIModule), "
                         f"got {type(bnn).__name__}; for a point model use torch.save(model.state_dict())")
+    path = os.fspath(path)
+    check_target(path)  # before any work: never replace a device, FIFO or directory
     if isinstance(bnn, BayesianModel):
         spec = {k: v for k, v in bnn.conversion.items() if k != "arch"}
         _check_conversion(spec)
@@ -101,6 +98,11 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
                              "pass arch='module:Class'")
         kind = "module"
     state = bnn.state_dict()
+    meta = [name for name, t in state.items() if t.is_meta]
+    if meta:
+        raise ValueError(f"cannot save a model whose tensors are on the meta device (no values): {len(meta)} "
+                         f"tensor(s), e.g. {meta[0]}; materialise it first (model.to_empty(device='cpu') and "
+                         "load_state_dict)")
     device = next((str(t.device) for t in state.values()), "cpu")
     tensors, aliases = _flatten_state(state)
     if program is not None:
@@ -114,29 +116,36 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
         "saved_from_device": device,
         "versions": _versions(),
     }
-    _atomic_write(os.fspath(path), tensors, {"format": "pt", _META_KEY: json.dumps(header, sort_keys=True)})
+    _atomic_write(path, tensors, {"format": "pt", _META_KEY: json.dumps(header, sort_keys=True)})
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device | None = None, *,
-         arch: str | Callable[..., nn.Module] | None = None, mapping: dict | None = None) -> VIModule:
+def load(path: str | os.PathLike, map_location: str | torch.device | dict | None = None, *,
+         arch: str | Callable[..., nn.Module] | None = None, mapping: dict | None = None,
+         trust_code: bool = False) -> VIModule:
     """Rebuild a model written by :func:`save`: same architecture, conversion and tensors.
 
     Args:
         map_location: device of the loaded model (default: CPU, whatever the device it was
-            saved from).
+            saved from); a dict maps the device it was saved from, as in ``torch.load``
+            (``{"cuda:0": "cpu"}``; a device it does not name loads on CPU).
         arch: override the recorded recipe's callable (``"module:callable"`` or a callable),
             e.g. when the architecture moved to another module. It is called with the
             recorded keyword arguments and trusted as given.
         mapping: the custom ``mapping`` the model was converted with (it cannot be recorded).
+        trust_code: let the file's recipe import a module that is neither imported yet nor
+            part of a trusted model package (see :mod:`bayesify.recipe`). Importing runs
+            the module's code: only for files you trust. Alternatively import the module
+            yourself before calling ``load``.
 
     Raises ``ValueError`` naming the file when it is not a bayesify file, is damaged, or
-    the recipe does not rebuild the saved model.
+    the recipe does not rebuild the saved model. Tensors holding NaN or infinite values
+    load, with a ``UserWarning`` naming them.
     """
     from safetensors import safe_open
 
     path = os.fspath(path)
     header = read_spec(path)
-    device = torch.device(map_location) if map_location is not None else torch.device("cpu")
+    device = _device(map_location, header.get("saved_from_device"))
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -149,21 +158,22 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
         tensors[alias] = tensors[canonical]
 
     recipe = header["arch"]
-    point = build_arch(recipe, where=path, program=program, override=arch)
+    point = build_arch(recipe, where=path, program=program, override=arch, trust_code=trust_code)
     if header["kind"] == "bayesify":
-        model = _reconvert(point, header["conversion"], mapping, path)
+        model = _reconvert(point, header["conversion"], mapping, path, trust_code)
         model.conversion["arch"] = recipe  # so that bf.save(bf.load(p), q) needs no arch= again
         if program is not None:
             setattr(model, _PROGRAM_ATTR, program.numpy().tobytes())
     else:
         model = point
-    _match_dtypes(model, tensors)
+    _match_dtypes(model, tensors, path)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path}: the recorded architecture ({_describe(recipe)}) does not match the saved "
                          f"tensors: {_mismatch(exc)}; pass arch= to load() to rebuild it differently") from None
     _check_ties(model, header["aliases"], path)
+    _warn_nonfinite(tensors, model, path)
     return model.to(device)
 
 
@@ -173,8 +183,7 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
 
     path = os.fspath(path)
     expected = "expected a bayesify file written by bf.save (a safetensors file with a 'bayesify' header)"
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file ({expected})")
+    _check_readable(path, expected)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -184,12 +193,18 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: a safetensors file without a 'bayesify' header; {expected}")
     try:
         header = json.loads(meta[_META_KEY])
+        if not isinstance(header, dict):
+            raise TypeError("the header is not an object")
         version = header["format_version"]
         for key in ("conversion", "arch", "aliases"):
             if not isinstance(header[key], dict):
                 raise TypeError(f"{key} is not an object")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in header["aliases"].items()):
+            raise TypeError("aliases must map tensor names to tensor names (strings)")
         if header["kind"] not in ("bayesify", "module"):
             raise ValueError(f"unknown kind {header['kind']!r}")
+    except RecursionError:
+        raise ValueError(f"{path}: damaged bayesify header (nested too deeply to be one)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: damaged bayesify header ({exc!r})") from None
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -199,205 +214,10 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-# -- architecture recipes ------------------------------------------------------------------------------
-def arch_recipe(model: nn.Module | None, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
-                embed: bool = True) -> tuple[dict[str, Any], bytes | None]:
-    """The recipe that rebuilds ``model``'s architecture, and the embedded program bytes (or None).
-
-    ``embed=False`` (for ``bf.bayesify(..., arch=...)``, which records JSON only) refuses programs.
-    """
-    kwargs = _check_kwargs(arch_kwargs)
-    if _is_exported_program(arch):
-        if not embed:
-            raise ValueError("bayesify(arch=...) records a 'module:callable' recipe; pass a torch.export "
-                             "program to bf.save(bnn, path, arch=program) instead")
-        if arch_kwargs:
-            raise ValueError("arch_kwargs cannot be used with a torch.export program")
-        buf = _io.BytesIO()
-        torch.export.save(arch, buf)
-        data = buf.getvalue()
-        try:
-            check_pt2(data)
-        except _Untrusted as exc:
-            raise ValueError(f"this torch.export program cannot be stored loadably without unpickling "
-                             f"({exc}); pass arch='module:callable' instead") from None
-        return {"kind": "export"}, data
-    if arch is not None:
-        target = arch if isinstance(arch, str) else _target_of(arch)
-        resolve_callable(target)  # fail now, not when loading
-        return {"kind": "callable", "target": target, "kwargs": kwargs}, None
-    if model is None:
-        raise ValueError("no architecture given: pass arch='module:callable'")
-    hf = _hf_recipe(model)
-    if hf is not None:
-        if arch_kwargs:
-            raise ValueError("arch_kwargs cannot be used with a Hugging Face model (its config is recorded)")
-        return hf, None
-    cls = type(model)
-    hint = ("pass arch='module:callable' naming the function or class that builds it, e.g. "
-            "arch='torchvision.models:resnet18', arch_kwargs={'num_classes': 10}")
-    if isinstance(model, torch.fx.GraphModule):
-        raise ValueError(f"cannot tell how to rebuild a {cls.__name__} (a torch.fx / torch.export graph); "
-                         f"pass the ExportedProgram as arch=, or {hint}")
-    target = _target_of(cls)
-    try:
-        resolve_callable(target)
-    except ValueError as exc:
-        raise ValueError(f"cannot tell how to rebuild {cls.__name__}: {exc}; {hint}") from None
-    if not kwargs and not _constructible_without_args(cls):
-        raise ValueError(f"cannot tell how to rebuild {cls.__name__}: its constructor needs arguments; "
-                         f"pass arch_kwargs={{...}} (JSON), or {hint}")
-    if cls.__module__ == "__main__":
-        warnings.warn(f"{cls.__name__} is defined in __main__: the file loads only where __main__ "
-                      "defines it too; move the class into a module or pass arch='module:callable'",
-                      UserWarning, stacklevel=3)
-    return {"kind": "callable", "target": target, "kwargs": kwargs}, None
-
-
-def build_arch(recipe: dict[str, Any], where: str = "recipe", program: Tensor | bytes | None = None,
-               override: str | Callable[..., nn.Module] | None = None) -> nn.Module:
-    """The point model a recipe describes (``ValueError`` naming ``where`` on failure)."""
-    kind = recipe.get("kind") if isinstance(recipe, dict) else None
-    try:
-        if kind == "export" and override is None:
-            if program is None:
-                raise ValueError("the embedded torch.export program is missing")
-            data = program.numpy().tobytes() if isinstance(program, Tensor) else bytes(program)
-            model = exported_module(load_exported_program(data))
-        elif kind == "transformers" and override is None:
-            cls = resolve_callable(recipe["target"])
-            import transformers
-
-            if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-                raise ValueError(f"{recipe['target']} is not a transformers PreTrainedModel class")
-            config = cls.config_class.from_dict(dict(recipe["config"]))
-            model = cls(config)
-        elif kind == "callable" or override is not None:
-            fn = override if callable(override) else resolve_callable(override or recipe["target"],
-                                                                      trusted=override is not None)
-            model = fn(**_check_kwargs(recipe.get("kwargs")))
-        else:
-            raise ValueError(f"unknown architecture recipe {kind!r}")
-    except ValueError as exc:
-        raise ValueError(f"{where}: cannot rebuild the architecture: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - user code: report, do not crash
-        raise ValueError(f"{where}: cannot rebuild the architecture {_describe(recipe)}: "
-                         f"{type(exc).__name__}: {_first_line(exc)}") from None
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{where}: {_describe(recipe)} returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def resolve_callable(target: str, trusted: bool = False) -> Callable[..., nn.Module]:
-    """Import ``"module:qualname"``; unless ``trusted``, it must be an ``nn.Module`` class or a
-    function annotated to return one, from outside the standard library."""
-    if not isinstance(target, str):
-        raise TypeError(f"arch must be a 'module:callable' string, got {type(target).__name__}")
-    mod_name, sep, qual = target.partition(":")
-    parts = mod_name.split(".") + qual.split(".")
-    if not sep or not all(p.isidentifier() for p in parts) or any(p.startswith("__") for p in qual.split(".")):
-        raise ValueError(f"expected 'module:callable' (e.g. 'torchvision.models:resnet18'), got {target!r}")
-    if not trusted and mod_name.split(".")[0] in sys.stdlib_module_names:
-        raise ValueError(f"{target} is a standard-library callable, not a model architecture")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {mod_name!r} for {target} ({exc})") from None
-    for name in qual.split("."):
-        if not hasattr(obj, name):
-            raise ValueError(f"module {mod_name!r} has no attribute {qual!r} (for {target})")
-        obj = getattr(obj, name)
-    if trusted:
-        if not callable(obj):
-            raise ValueError(f"{target} is not callable")
-        return obj
-    if isinstance(obj, type):
-        if issubclass(obj, nn.Module):
-            return obj
-        raise ValueError(f"{target} is a class but not an nn.Module subclass")
-    if inspect.isfunction(obj) and _returns_module(obj):
-        return obj
-    raise ValueError(f"{target} must be an nn.Module class or a Python function annotated to return one "
-                     "(def build(...) -> nn.Module); other callables are refused so that a file cannot "
-                     "make load() call arbitrary code")
-
-
-# -- torch.export programs (the .pt2 safety checks are in bayesify._pt2) ------------------------------
-def exported_module(ep: Any) -> nn.Module:
-    """``ep.module()`` with ordinary ``train()`` / ``eval()``.
-
-    ``ExportedProgram.module()`` replaces both with methods that raise, because the graph's
-    dropout / BatchNorm behaviour was fixed when it was exported. bayesify needs the mode
-    switch for its own sampling (log-probabilities in training mode, ``bf.predict`` runs in
-    eval mode); the graph keeps computing as exported either way.
-    """
-    module = ep.module()
-    for name in ("train", "eval"):
-        module.__dict__.pop(name, None)
-    return module
-
-
 # -- helpers ----------------------------------------------------------------------------------------------
 def _point_root(model: nn.Module) -> nn.Module:
     """The converted model's root as its point type (a root that was itself a mapped layer)."""
-    from .nn import VILayer
-
     return model.to_point() if isinstance(model, VILayer) else model
-
-
-def _is_exported_program(x: Any) -> bool:
-    export = sys.modules.get("torch.export")
-    return export is not None and isinstance(x, export.ExportedProgram)
-
-
-def _target_of(obj: Any) -> str:
-    mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if not mod or not qual or "<locals>" in qual:
-        raise ValueError(f"{obj!r} is not importable by name (defined inside a function?); "
-                         "pass arch='module:callable'")
-    return f"{mod}:{qual}"
-
-
-def _returns_module(fn: Callable) -> bool:
-    try:
-        ann = inspect.signature(fn, eval_str=True).return_annotation
-    except Exception:  # noqa: BLE001 - unresolvable annotation: not provably a model factory
-        return False
-    return isinstance(ann, type) and issubclass(ann, nn.Module)
-
-
-def _constructible_without_args(cls: type) -> bool:
-    try:
-        sig = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return False
-    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in sig.parameters.values())
-
-
-def _hf_recipe(model: nn.Module) -> dict[str, Any] | None:
-    transformers = sys.modules.get("transformers")
-    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
-        return None
-    cls = type(model)
-    target = (f"transformers:{cls.__name__}" if getattr(transformers, cls.__name__, None) is cls
-              else _target_of(cls))
-    config = json.loads(model.config.to_json_string(use_diff=False))
-    return {"kind": "transformers", "target": target, "config": config}
-
-
-def _check_kwargs(kwargs: Any) -> dict[str, Any]:
-    if kwargs is None:
-        return {}
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise TypeError(f"arch_kwargs must be a dict with string keys (JSON object), got {kwargs!r}")
-    try:
-        text = json.dumps(kwargs, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"arch_kwargs must be JSON-serialisable ({exc})") from None
-    if '"trust_remote_code"' in text:  # a constructor must not fetch and run code named by a file
-        raise ValueError("arch_kwargs may not contain trust_remote_code")
-    return dict(kwargs)
 
 
 def _check_conversion(spec: dict[str, Any]) -> None:
@@ -416,27 +236,21 @@ def _check_conversion(spec: dict[str, Any]) -> None:
                          "in bayesify.priors.PRIORS / bayesify.variational.VARIATIONAL") from None
 
 
-def _pattern(p: str) -> Any:
-    if p.startswith("class:"):
-        _, mod, qual = p.split(":", 2)
-        cls = resolve_callable(f"{mod}:{qual}")
-        return cls
-    return p
-
-
-def _reconvert(point: nn.Module, conv: dict[str, Any], mapping: dict | None, where: str) -> nn.Module:
-    from .convert import bayesify
-
+def _reconvert(point: nn.Module, conv: dict[str, Any], mapping: dict | None, where: str,
+               trust_code: bool = False) -> nn.Module:
     if conv.get("custom_mapping") and mapping is None:
         raise ValueError(f"{where}: the model was converted with a custom mapping; pass it: "
                          "bf.load(path, mapping={...})")
     try:
-        include = conv.get("include")
+        include, exclude = conv.get("include"), conv.get("exclude", [])
+        for key, value in (("include", include), ("exclude", exclude)):
+            if value is not None and not isinstance(value, list):
+                raise TypeError(f"{key} is a {type(value).__name__}, not a list")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # reported when the model was converted
             return bayesify(point, prior=dict(conv["prior"]), variational=dict(conv["variational"]),
-                            include=None if include is None else [_pattern(p) for p in include],
-                            exclude=[_pattern(p) for p in conv.get("exclude", [])],
+                            include=None if include is None else [class_pattern(p, trust_code) for p in include],
+                            exclude=[class_pattern(p, trust_code) for p in exclude],
                             other_params=conv.get("other_params", "bayesian"),
                             estimator=conv.get("estimator", "reparam"), mapping=mapping, inplace=True,
                             new_modules=conv.get("new_modules", []))  # their priors are in the spec too
@@ -475,13 +289,139 @@ def _flatten_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
     return out, aliases
 
 
-def _match_dtypes(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Give each rebuilt tensor the saved dtype in place (keeps ties and Parameter identity)."""
+def _match_dtypes(model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+    """Give each rebuilt tensor the saved dtype in place (keeps ties and Parameter identity);
+    a saved tensor of another kind (integer where the model holds floats) is refused."""
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
         saved = tensors.get(name)
         if saved is not None and saved.dtype != t.dtype:
+            if _dtype_kind(saved.dtype) != _dtype_kind(t.dtype):
+                raise ValueError(f"{where}: tensor {name!r} is {saved.dtype} in the file, where the rebuilt model "
+                                 f"holds {t.dtype}: an {_dtype_kind(saved.dtype)} tensor cannot stand in for a "
+                                 f"{_dtype_kind(t.dtype)} one (a damaged or edited file)")
             t.data = t.data.to(saved.dtype)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "boolean"
+    return "floating-point" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
+
+
+def _warn_nonfinite(tensors: dict[str, Tensor], model: nn.Module, where: str) -> None:
+    """Warn about NaN anywhere and infinities in parameters (buffers may hold -inf masks)."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    bad = []
+    for name, t in tensors.items():
+        if not (t.is_floating_point() or t.is_complex()) or not t.numel():
+            continue
+        if bool(t.isnan().any()) or (name in params and not bool(t.isfinite().all())):
+            bad.append(name)
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values ({shown}); the model's "
+                      "outputs will be NaN / inf where they are used", UserWarning, stacklevel=3)
+
+
+def _device(map_location: Any, saved: Any) -> torch.device:
+    """The device to load onto: ``map_location`` (a device, or a dict mapping the saved one)."""
+    target = map_location
+    if map_location is None:
+        target = "cpu"
+    elif isinstance(map_location, dict):
+        if not all(isinstance(k, str) and isinstance(v, (str, torch.device)) for k, v in map_location.items()):
+            raise TypeError(f"map_location as a dict maps device names to devices (e.g. {{'cuda:0': 'cpu'}}), "
+                            f"got {map_location!r}")
+        target = map_location.get(str(saved), "cpu")
+    elif not isinstance(map_location, (str, torch.device)):
+        raise TypeError(f"map_location must be a device ('cpu', 'cuda:0' or a torch.device), a dict mapping the "
+                        f"saved device to one ({{'cuda:0': 'cpu'}}) or None, got {type(map_location).__name__}; "
+                        "bf.load places the whole model on one device, so a per-storage function is not accepted")
+    try:
+        return torch.device(target)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"map_location {target!r} is not a device ({_first_line(exc)})") from None
+
+
+def _check_readable(path: str, expected: str) -> None:
+    """A clear error for a missing, unreadable or non-file input (before safetensors sees it)."""
+    if not path:
+        raise ValueError(f"no file name given (''); {expected}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file ({expected})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is a directory; {expected}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file; {expected}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+
+
+def check_target(path: str, what: str = "path") -> None:
+    """Refuse an output path that is not (or would not become) a regular file, before any work."""
+    if not path:
+        raise ValueError(f"{what} is empty (''); give a file name")
+    if path.endswith(("/", os.sep)):
+        raise ValueError(f"{what} {path} names a directory; give a file name")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None  # a new file (or a dangling symlink, which is replaced)
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot check it ({exc.strerror or type(exc).__name__})") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                else "a block device" if stat.S_ISBLK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise ValueError(f"{what} {path} is {kind}; bayesify writes (and replaces) only regular files")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"{what} {path}: directory {directory} does not exist")
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during a write (raised by the handler so that temporary files go)."""
+
+
+@contextmanager
+def removing_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the block, so that its ``finally`` / ``except`` clauses
+    remove temporary files; then deliver SIGTERM again to the previous handler (the default
+    ends the process as SIGTERM would have). Only in the main thread (where signals go).
+    ``kill -9`` cannot be caught: it may leave a hidden ``.NAME.*.tmp`` / ``.part`` file next to
+    the target, never a partial target."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated(signum)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:  # the caller chose to ignore SIGTERM: keep it so
+        yield
+        return
+    restore = previous if previous is not None else signal.SIG_DFL  # None: installed outside Python
+    signal.signal(signal.SIGTERM, handler)
+    delivered = False
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, restore)
+        delivered = True
+        os.kill(os.getpid(), signal.SIGTERM)  # the previous handler decides (default: end the process)
+        raise
+    finally:
+        if not delivered:
+            signal.signal(signal.SIGTERM, restore)
 
 
 def _check_ties(model: nn.Module, aliases: dict[str, str], where: str) -> None:
@@ -497,21 +437,22 @@ def _check_ties(model: nn.Module, aliases: dict[str, str], where: str) -> None:
 def _atomic_write(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
+    check_target(path)
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())  # mkstemp creates 0600; a saved model is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with removing_on_sigterm():
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _default_mode())  # mkstemp creates 0600; a saved model is an ordinary file
+            check_target(path)  # again: it may have changed during the write
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def _default_mode() -> int:
@@ -528,14 +469,6 @@ def _versions() -> dict[str, str]:
     if tf is not None:
         v["transformers"] = tf.__version__
     return v
-
-
-def _describe(recipe: Any) -> str:
-    if not isinstance(recipe, dict):
-        return repr(recipe)
-    if recipe.get("kind") == "export":
-        return "embedded torch.export program"
-    return str(recipe.get("target"))
 
 
 def _mismatch(exc: Exception) -> str:

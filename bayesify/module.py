@@ -24,7 +24,6 @@ per-sample updates (identical to the point model's update when the samples agree
 from __future__ import annotations
 
 import sys
-import threading
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -33,33 +32,17 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._batched import PointModelError
 from ._normal import SampleRecompute, draw_seed
+from ._state import _STATE, _active, sampling_active  # noqa: F401  (_STATE: re-exported)
+from ._vmap_rules import BatchNormUpdate, batchnorm_state, vmap_rules
 from .sites import Site, analytic_kl, iter_sites
 
 __all__ = ["VIModule", "sampling_active", "vi_attributes", "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 10
-
-_STATE = threading.local()
-
-
-def sampling_active() -> bool:
-    """True while an outer :class:`VIModule` is evaluating its samples."""
-    return getattr(_STATE, "active", False)
-
-
-@contextmanager
-def _active() -> Iterator[None]:
-    prev = sampling_active()
-    _STATE.active = True
-    try:
-        yield
-    finally:
-        _STATE.active = prev
-
 
 def check_samples(samples: Any) -> int:
     if isinstance(samples, bool) or not isinstance(samples, int):
@@ -201,21 +184,6 @@ class VIModule(nn.Module):
                             device=ref.device)
         return weights, terms, zeros, zeros.new_zeros(()) if kl is None else kl
 
-    def _batchnorm_state(self, n: int) -> tuple[dict[str, Tensor], list[tuple[nn.Module, str, Tensor, str]]]:
-        """Per-sample copies of BatchNorm running statistics updated in this forward."""
-        batched: dict[str, Tensor] = {}
-        writeback: list[tuple[nn.Module, str, Tensor, str]] = []
-        for prefix, mod in self.named_modules():
-            if isinstance(mod, _BatchNorm) and mod.training and mod.track_running_stats:
-                for key in ("running_mean", "running_var", "num_batches_tracked"):
-                    buf = mod._buffers.get(key)
-                    if buf is None:
-                        continue
-                    copy = buf.unsqueeze(0).repeat(n, *([1] * buf.dim()))
-                    batched[f"{prefix}.{key}" if prefix else key] = copy
-                    writeback.append((mod, key, copy, f"{prefix}.{key}" if prefix else key))
-        return batched, writeback
-
     def _locations(self, weights: dict[str, Tensor], writeback: list[tuple[nn.Module, str, Tensor, str]]
                    ) -> list[tuple[dict, str, str]]:
         """Every (tensor store, attribute, sample key) to substitute: tied parameters and modules
@@ -257,9 +225,7 @@ class VIModule(nn.Module):
         lps: list[Tensor] = []
         lqs: list[Tensor] = []
         kl: Tensor | None = None
-        # BatchNorm running stats: each chunk starts from the same stored stats; the update
-        # is the mean over all samples (num_batches_tracked: the same in every sample).
-        bn_sum: dict[tuple[int, str], tuple[nn.Module, str, Tensor]] = {}
+        bn_update = BatchNormUpdate()  # each chunk starts from the same stored statistics
         with _active(), rng:
             for start in range(0, n, step):
                 k = min(step, n - start)
@@ -281,14 +247,8 @@ class VIModule(nn.Module):
                 del weights
                 drawn = None  # the next chunk draws its own; this one's samples can go
                 parts.append(tensors)
-                for mod, key, copy, _ in writeback:
-                    part = copy[0] if key == "num_batches_tracked" else copy.detach().sum(0)
-                    if (id(mod), key) in bn_sum and key != "num_batches_tracked":
-                        part = bn_sum[(id(mod), key)][2] + part
-                    bn_sum[(id(mod), key)] = (mod, key, part)
-        for mod, key, total in bn_sum.values():
-            with torch.no_grad():
-                mod._buffers[key].copy_(total if key == "num_batches_tracked" else total / n)
+                bn_update.add(writeback)
+        bn_update.commit(n)
         tensors = parts[0] if len(parts) == 1 else [torch.cat(col) for col in zip(*parts)]
         leaves: list[Any] = list(tensors)
         for i, x in structure["static"]:
@@ -316,37 +276,39 @@ class VIModule(nn.Module):
 
         ``defer``: sites drawn at their first use inside the vmapped forward (their log densities
         go to ``sink``); the loop fallback draws them all first.
+
+        Where the vmapped call raises, the same call runs sample by sample: if that raises too,
+        its error is the user's (it reads as the point model's) and propagates, and nothing is
+        remembered; if it succeeds, vmap's error was vmap's limit: the samples are returned with a
+        warning, and a cause that vmap names as its own (data-dependent control flow, a missing
+        batching rule) is remembered, so later calls go straight to the loop.
         """
-        bn_batched, writeback = self._batchnorm_state(n)
+        bn_batched, writeback = batchnorm_state(self, n)
         batched = {**weights, **bn_batched}
         locations = self._locations(weights, writeback)
         lazy_slots = self._slots(defer) if defer else []
 
         def one(sample_tensors: dict[str, Tensor], _index: Tensor | None = None) -> list[Tensor]:
             lazy = nullcontext() if not lazy_slots else _drawn_at_use(lazy_slots, _index, defer, sink)
-            prev_index = getattr(_STATE, "sample_index", None)
-            _STATE.sample_index = _index
-            try:
-                with _swapped(locations, sample_tensors), lazy:
-                    out = self(*args, **kwargs)
-            finally:
-                _STATE.sample_index = prev_index
+            with _swapped(locations, sample_tensors), lazy, vmap_rules(_index):
+                out = self(*args, **kwargs)
             leaves, spec = tree_flatten(out)
             structure["spec"] = spec
             structure["static"] = [(i, x) for i, x in enumerate(leaves) if not isinstance(x, Tensor)]
             return [x for x in leaves if isinstance(x, Tensor)]
 
-        if self._vmap_failure is None:
+        failure = self._vmap_failure
+        if failure is None:
             try:
                 # The sample index gives vmap a batched input even when no weight is sampled.
-                with _stochastic_depth_per_sample(self), _attention_over_samples():
-                    return torch.vmap(one, randomness="different")(batched, torch.arange(n)), writeback
-            except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
-                reason = _vmap_reason(exc)
-                if reason is None:
-                    raise
-                self._vmap_failure = reason
-                bn_batched, writeback = self._batchnorm_state(n)  # discard partial updates
+                return torch.vmap(one, randomness="different")(batched, torch.arange(n)), writeback
+            except (PointModelError, torch.OutOfMemoryError):
+                raise  # the user's error as the point model words it; memory: chunk_size= bounds it
+            except Exception as exc:  # decided below: the loop either runs or raises the user's error
+                failure, known = _vmap_cause(exc)
+            bn_batched, writeback = batchnorm_state(self, n)  # discard partial updates
+        else:
+            known = True
         if lazy_slots:  # the loop needs every sample up front (the same seeds: the same samples)
             assert defer is not None and sink is not None
             weights = dict(weights)
@@ -356,82 +318,15 @@ class VIModule(nn.Module):
             lazy_slots = []
         batched = {**weights, **bn_batched}
         locations = self._locations(weights, writeback)
+        per = [one({k: v[i] for k, v in batched.items()}) for i in range(n)]  # a user error raises here
+        if known:
+            self._vmap_failure = failure
         warnings.warn(
-            f"{type(self).__name__}: torch.vmap cannot run this model ({self._vmap_failure}); "
+            f"{type(self).__name__}: torch.vmap cannot run this model ({failure}); "
             f"evaluating the {n} samples one by one (slower, same result)",
             RuntimeWarning, stacklevel=4,
         )
-        per = [one({k: v[i] for k, v in batched.items()}) for i in range(n)]
         return [torch.stack(col) for col in zip(*per)], writeback
-
-
-_PER_SAMPLE_DEPTH: dict[type, type] = {}
-
-
-@contextmanager
-def _stochastic_depth_per_sample(root: nn.Module) -> Iterator[None]:
-    """torchvision's ``StochasticDepth`` (EfficientNet, ConvNeXt, Swin, MaxViT) draws its
-    drop mask into ``torch.empty(...)``, a tensor vmap does not batch, so in train mode vmap
-    refuses it ("different inplace randomness on an unbatched tensor") and every sample ran
-    in the loop. For one vmapped call each such module becomes a subclass that draws into
-    a tensor batched over the samples (by the sample index where the input is not batched:
-    no sampled weight before it), so every sample drops its own rows, as the loop did."""
-    tv = sys.modules.get("torchvision.ops.stochastic_depth")  # not imported: no such module here
-    base = getattr(tv, "StochasticDepth", None)
-    mods = [m for m in root.modules() if base is not None and type(m) is base and m.training and m.p > 0]
-    if not mods:
-        yield
-        return
-    cls = _PER_SAMPLE_DEPTH.get(base)
-    if cls is None:
-        def forward(self: Any, input: Tensor) -> Tensor:
-            survival = 1.0 - self.p
-            size = [input.shape[0]] + [1] * (input.ndim - 1) if self.mode == "row" else [1] * input.ndim
-            noise = input.new_zeros(size)
-            index = getattr(_STATE, "sample_index", None)  # batched even where the input is not
-            if index is not None:
-                noise = noise + index.to(noise.dtype).mul(0)
-            noise.bernoulli_(survival)
-            if survival > 0.0:
-                noise.div_(survival)
-            return input * noise
-
-        cls = _PER_SAMPLE_DEPTH[base] = type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
-    try:
-        for m in mods:
-            m.__class__ = cls
-        yield
-    finally:
-        for m in mods:
-            m.__class__ = base
-
-
-@contextmanager
-def _attention_over_samples() -> Iterator[None]:
-    """For one vmapped call, ``F.scaled_dot_product_attention`` (looked up by Hugging Face and
-    torchvision at call time) folds the samples into the batch (``bayesify._batched.SampleAttention``)
-    when called from this thread's sampled forward; any other caller gets PyTorch's function."""
-    import torch.nn.functional as F
-
-    from . import _batched
-
-    if F.scaled_dot_product_attention is not _batched.SDPA:  # nested, or replaced by someone else
-        yield
-        return
-
-    def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                  enable_gqa: bool = False) -> Tensor:
-        options = (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale), ("enable_gqa", enable_gqa))
-        if getattr(_STATE, "sample_index", None) is None or not _batched.kernels_apply(query):
-            return _batched.SDPA(query, key, value, attn_mask=attn_mask, **dict(options))
-        return _batched.SampleAttention.apply(query, key, value, attn_mask, options)
-
-    F.scaled_dot_product_attention = attention
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = _batched.SDPA
 
 
 def _fold(terms: list[Any], drawn: dict[str, tuple[Any, Any]], zeros: Tensor) -> tuple[Tensor, Tensor]:
@@ -612,22 +507,14 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-_VMAP_MARKERS = (
-    "vmap",
-    "batching rule",
-    "data-dependent control flow",
-    "Batched tensor",
-    "BatchedTensor",
-    "functorch",
-    "item()",
-    "is not implemented for",
-)
+#: Phrases of the errors torch.vmap raises about itself (its own limits, not the model's).
+_VMAP_MARKERS = ("vmap", "batching rule", "batchedtensor", "batched tensor", "functorch")
 
 
-def _vmap_reason(exc: BaseException) -> str | None:
-    """A short cause when ``exc`` comes from vmap's limits; None for genuine model errors."""
-    text = str(exc)
-    if any(m.lower() in text.lower() for m in _VMAP_MARKERS):
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return f"{type(exc).__name__}: {first[:200]}"
-    return None
+def _vmap_cause(exc: BaseException) -> tuple[str, bool]:
+    """A short cause for ``exc``, raised by the vmapped call, and whether vmap names it as its
+    own limit (then it does not depend on the inputs: remembered once the loop confirms it)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else ""
+    known = any(m in text.lower() for m in _VMAP_MARKERS)
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__, known

@@ -424,8 +424,9 @@ def test_a_saved_file_loads_in_a_fresh_process(tmp_path: Path) -> None:
     bf.save(bnn, tmp_path / "t.bnn")
     bnn.eval()
     ref = _samples(bnn, _ids(), seed=7)
-    code = (
+    code = (  # the file names tests.test_io:Tied, which a fresh process imports only when told to
         "import sys, torch, bayesify as bf\n"
+        "import tests.test_io\n"
         "m = bf.load(sys.argv[1]).eval()\n"
         "out = m(torch.tensor([1, 2, 3, 4, 5, 10]), samples=3, generator=torch.Generator().manual_seed(7))\n"
         "torch.save(out.detach(), sys.argv[2])\n"

@@ -845,7 +845,7 @@ def test_minilm_attention_runs_folded_and_is_restored(monkeypatch):
         warnings.simplefilter("error")  # the fallback's UserWarning would raise here
         out = run()
     assert F.scaled_dot_product_attention is _batched.SDPA
-    monkeypatch.setattr(module, "_attention_over_samples", nullcontext)
+    monkeypatch.setattr(module, "vmap_rules", lambda index: nullcontext())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = run()  # PyTorch's own (per-sample fallback) attention

@@ -1,0 +1,127 @@
+"""Per-operator adaptations for the vmapped sampled call, each scoped to that call.
+
+:func:`vmap_rules` is entered inside the function ``torch.vmap`` runs over the samples, on the
+calling thread only: a :class:`torch.overrides.TorchFunctionMode` (PyTorch keeps the mode stack
+per thread), so another thread calling PyTorch meanwhile, or a second thread sampling its own
+model, sees nothing of this one's rules. Nothing is replaced process-wide. The rules:
+
+- attention: ``F.scaled_dot_product_attention`` with an input batched over the samples folds
+  the samples into the batch (``_batched.SampleAttention``); PyTorch has no batching rule for
+  the CPU flash kernel and runs it sample by sample. Attention whose inputs depend on no sampled
+  weight (the frozen prefix of a partial conversion) is PyTorch's own call, run once.
+- stochastic depth: torchvision's ``stochastic_depth`` draws its drop mask into ``torch.empty``,
+  a tensor vmap does not batch, so vmap refused it ("different inplace randomness on an
+  unbatched tensor"). Inside the sampled call that one allocation is batched over the samples,
+  so every sample drops its own rows, as the per-sample loop does.
+
+BatchNorm in training mode is handled by substitution, not interception: each sample
+normalises with its own batch statistics from per-sample copies of the running statistics
+(:func:`batchnorm_state`), and the stored statistics then move by the mean over samples of the
+per-sample updates (:class:`BatchNormUpdate`).
+
+The mode's cost (it sees every PyTorch call of the forward, once per vmapped call): MiniLM,
+10 samples x 8 x 64 tokens, forward + backward, see ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+from ._batched import SDPA, SampleAttention, kernels_apply
+
+__all__ = ["vmap_rules", "batchnorm_state", "BatchNormUpdate"]
+
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
+class _SampledCallRules(TorchFunctionMode):
+    """The rules above, for one vmapped call; ``index`` is the sample index (batched)."""
+
+    def __init__(self, index: Tensor) -> None:
+        super().__init__()
+        self.index = index
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is SDPA:
+            return _attention(*args, **kwargs)
+        if func is torch.empty and _from_stochastic_depth(sys._getframe(1)):
+            mask = func(*args, **kwargs).zero_()  # the drop mask: batched, so each sample draws its own
+            return mask + self.index.to(mask.dtype).mul(0)
+        return func(*args, **kwargs)
+
+
+def vmap_rules(index: Tensor | None) -> Any:
+    """The rules for the vmapped call whose sample index is ``index`` (a context manager);
+    none for the per-sample loop (``index`` None) or while compiling (Dynamo traces PyTorch's
+    own functions)."""
+    if index is None or torch.compiler.is_compiling():
+        return nullcontext()
+    return _SampledCallRules(index)
+
+
+def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+               enable_gqa: bool = False) -> Tensor:
+    options = (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale), ("enable_gqa", enable_gqa))
+    batched = any(t is not None and _is_batched(t) for t in (query, key, value, attn_mask))
+    if not batched or not kernels_apply(query):  # no input depends on a sampled weight: one call
+        return SDPA(query, key, value, attn_mask=attn_mask, **dict(options))
+    return SampleAttention.apply(query, key, value, attn_mask, options)
+
+
+def _from_stochastic_depth(frame: Any) -> bool:
+    """Whether ``frame`` runs torchvision's ``stochastic_depth`` (not imported: it cannot)."""
+    tv = sys.modules.get("torchvision.ops.stochastic_depth")
+    fn = getattr(tv, "stochastic_depth", None)
+    return fn is not None and frame.f_code is getattr(fn, "__code__", None)
+
+
+def batchnorm_state(root: nn.Module, n: int) -> tuple[dict[str, Tensor], list[tuple[nn.Module, str, Tensor, str]]]:
+    """Per-sample copies ``(n, *shape)`` of the running statistics of every BatchNorm under
+    ``root`` that updates them in this forward, by qualified name, and the write-back list
+    ``(module, buffer name, copy, qualified name)``."""
+    batched: dict[str, Tensor] = {}
+    writeback: list[tuple[nn.Module, str, Tensor, str]] = []
+    for prefix, mod in root.named_modules():
+        if isinstance(mod, _BatchNorm) and mod.training and mod.track_running_stats:
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = mod._buffers.get(key)
+                if buf is None:
+                    continue
+                qual = f"{prefix}.{key}" if prefix else key
+                copy = buf.unsqueeze(0).repeat(n, *([1] * buf.dim()))
+                batched[qual] = copy
+                writeback.append((mod, key, copy, qual))
+    return batched, writeback
+
+
+class BatchNormUpdate:
+    """The running statistics' update of one sampled call: every chunk of samples starts from
+    the same stored statistics; the update is the mean over all samples of their updated
+    copies (``num_batches_tracked``: the same in every sample)."""
+
+    def __init__(self) -> None:
+        self._sum: dict[tuple[int, str], tuple[nn.Module, str, Tensor]] = {}
+
+    def add(self, writeback: list[tuple[nn.Module, str, Tensor, str]]) -> None:
+        for mod, key, copy, _ in writeback:
+            if key == "num_batches_tracked":
+                part = copy[0]
+            else:
+                part = copy.detach().sum(0)
+                if (id(mod), key) in self._sum:
+                    part = self._sum[(id(mod), key)][2] + part
+            self._sum[(id(mod), key)] = (mod, key, part)
+
+    def commit(self, n: int) -> None:
+        with torch.no_grad():
+            for mod, key, total in self._sum.values():
+                mod._buffers[key].copy_(total if key == "num_batches_tracked" else total / n)
