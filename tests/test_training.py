@@ -283,7 +283,7 @@ def test_elbo_loss_exposes_its_last_terms() -> None:
     assert t.nll == pytest.approx(float(loss_fn.nll(out, y).detach()))
     assert t.kl == pytest.approx(float(loss_fn.kl_term(out).detach()), rel=1e-5)
     assert t.kl_term == pytest.approx(t.kl / 50, rel=1e-5)
-    assert t.loss == pytest.approx(float(loss), rel=1e-5)
+    assert t.loss == pytest.approx(float(loss.detach()), rel=1e-5)
 
 
 def _pinning_run(prior, dataset_size: int) -> list[warnings.WarningMessage]:
