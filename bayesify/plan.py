@@ -365,8 +365,8 @@ NEW_MODULE_PRIOR_SCALE = 1.0
 
 
 def zero_centred(prior: Any) -> Any:
-    """``prior`` with its centre moved from the (random) point weights to 0, scale
-    :data:`NEW_MODULE_PRIOR_SCALE`; priors not centred on the point weights are kept."""
+    """``prior`` with its centre moved from the (random) point weights to 0 and its scale raised
+    to at least :data:`NEW_MODULE_PRIOR_SCALE`; priors not centred on the point weights are kept."""
     if getattr(prior, "loc", None) != "pretrained":
         return prior
     fields = {**prior.__dict__, "loc": 0.0}
