@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PointModelError", "SampleLinear", "SampleConv2d", "SampleAttention", "conv2d_by_gemm", "conv2d_gemm", "kernels_apply"]
+__all__ = ["PointModelError", "SampleLinear", "SampleConv2d", "SampleAttention", "conv2d_by_gemm", "conv2d_gemm",
+           "kernels_apply"]
 
 
 class SampleLinear(torch.autograd.Function):

@@ -3,13 +3,19 @@
 The outermost :class:`~bayesify.module.VIModule` marks its sampled call here; layers read
 :func:`sampling_active` to decide whether to sample (inner ``VIModule`` s just run their
 forward). The flag is per thread: another thread calling the same code meanwhile sees False.
+
+A sampled call substitutes its weight samples into the model's parameter slots for the
+duration of the forward, so two threads sampling the *same* model object at once would read
+each other's samples: :func:`sampled_call_lock` makes such calls take turns (threads sampling
+different models run in parallel).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = ["sampling_active"]
 
@@ -29,3 +35,17 @@ def _active() -> Iterator[None]:
         yield
     finally:
         _STATE.active = prev
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def sampled_call_lock(model: Any) -> threading.RLock:
+    """The lock a sampled call of ``model`` holds (one per model object, kept while it lives;
+    not stored on the model, which stays picklable and deep-copyable)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock

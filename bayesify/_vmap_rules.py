@@ -19,8 +19,11 @@ normalises with its own batch statistics from per-sample copies of the running s
 (:func:`batchnorm_state`), and the stored statistics then move by the mean over samples of the
 per-sample updates (:class:`BatchNormUpdate`).
 
-The mode's cost (it sees every PyTorch call of the forward, once per vmapped call): MiniLM,
-10 samples x 8 x 64 tokens, forward + backward, see ``docs/performance.md``.
+The mode's cost: it sees every PyTorch call of the forward once per vmapped call (not per
+sample; backward runs after the mode is gone), ~1.1 us each over a plain call; a sampled
+MiniLM forward makes 274 such calls, ~0.3 ms against ~1.7 s of compute (10 samples x 4 x 32
+tokens, one thread). A process-wide replacement of the attention function costs nothing per
+call but is seen by every thread.
 """
 
 from __future__ import annotations

@@ -11,14 +11,22 @@ Data flow of one sampled forward (all in :meth:`VIModule._sampled_call`):
 3. return every output tensor with a leading sample dimension and, in training
    mode, ``log_probs`` ``(S, 2)`` (prior, variational) and ``kl_analytic`` attached.
 
-Where vmap cannot run the model, the same draws are evaluated one by one with a
-warning naming the cause. With ``recompute_samples=True`` step 1 draws only the seeds:
+Inside the vmapped forward, ``_vmap_rules`` adapts a few operators for that call on this
+thread only (attention, torchvision's stochastic depth). Tensors that depend on no sampled
+weight stay unbatched, so a frozen prefix (a partial conversion) runs once for all samples.
+
+Where the vmapped call raises, the same draws are evaluated one by one: if that raises too,
+the error is the user's and propagates as the loop raised it (as the point model words it);
+if it succeeds, the samples are returned with a warning naming vmap's error, which is
+remembered for later calls only where vmap names itself as the cause (data-dependent control
+flow, a missing batching rule). With ``recompute_samples=True`` step 1 draws only the seeds:
 each seeded site is drawn inside step 2 where the forward first reads it, and autograd
 keeps a recipe instead of the sample (``_normal.SampleRecompute``).
 
 BatchNorm in training mode: each sample normalises with its own batch
 statistics; the running statistics move by the *mean over samples* of the
-per-sample updates (identical to the point model's update when the samples agree).
+per-sample updates (identical to the point model's update when the samples agree;
+``_vmap_rules.batchnorm_state``).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._batched import PointModelError
 from ._normal import SampleRecompute, draw_seed
-from ._state import _STATE, _active, sampling_active  # noqa: F401  (_STATE: re-exported)
+from ._state import _active, sampled_call_lock, sampling_active
 from ._vmap_rules import BatchNormUpdate, batchnorm_state, vmap_rules
 from .sites import Site, analytic_kl, iter_sites
 
@@ -107,7 +115,9 @@ class VIModule(nn.Module):
             raise TypeError(f"recompute_samples must be True or False, got {recompute_samples!r}")
         # recompute_samples: no weight sample is kept for backward; backward draws it again.
         rec = SampleRecompute() if recompute_samples and torch.is_grad_enabled() else None
-        with _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
+        # The samples are substituted into this model's parameter slots: one thread at a time.
+        turn = nullcontext() if torch.compiler.is_compiling() else sampled_call_lock(self)
+        with turn, _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
             if rec is not None:  # eager even under torch.compile: Dynamo would read the means, not the draws
                 return self._sampled_call_eager(args, kwargs, n, generator, chunk_size, rec)
             return self._sampled_call(args, kwargs, n, generator, chunk_size)

@@ -221,17 +221,50 @@ def _default_generator(model: VIModule) -> torch.Generator | None:
     return gen
 
 
+#: ``progress=None`` shows a bar when the estimated time of the remaining batches exceeds this.
+AUTO_PROGRESS_SECONDS = 2.0
+
+
 @contextmanager
-def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[], None]]:
-    if not enabled:
+def _progress(enabled: bool | None, total: int | None) -> Iterator[Callable[[], None]]:
+    """A callback advancing a rich progress bar (on stderr) by one batch. ``enabled=None``: only
+    on an interactive terminal or notebook, started once the first batches tell that the rest
+    will take more than ``AUTO_PROGRESS_SECONDS``."""
+    if enabled is False:
         yield lambda: None
         return
+    import time
+
     from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(console=Console(stderr=True)) as bar:
-        task = bar.add_task("predict", total=total)
-        yield lambda: bar.advance(task)
+    console = Console(stderr=True)
+    if enabled is None and not (console.is_interactive or console.is_jupyter):
+        yield lambda: None
+        return
+    bar = Progress(console=console, transient=enabled is None)
+    task = bar.add_task("predict", total=total)
+    t0, done, shown = time.perf_counter(), 0, False
+
+    def advance() -> None:
+        nonlocal done, shown
+        done += 1
+        bar.advance(task)
+        if not shown:
+            elapsed = time.perf_counter() - t0
+            left = elapsed / done * (total - done) if total is not None else elapsed
+            if enabled or left > AUTO_PROGRESS_SECONDS:
+                bar.start()
+                shown = True
+
+    try:
+        if enabled:
+            bar.start()
+            shown = True
+        yield advance
+    finally:
+        if shown:
+            bar.stop()
 
 
 # -- public -------------------------------------------------------------------------------------
@@ -241,7 +274,7 @@ def predict(
     samples: int = 100,
     likelihood: str = "categorical",
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     generator: torch.Generator | None = None,
     noise_std: float | Tensor | None = None,
     keep_samples: bool = False,
@@ -261,7 +294,9 @@ def predict(
         likelihood: ``"categorical"`` (the model outputs logits) or ``"normal"`` (it outputs
             the predicted mean).
         batch_size: split a tensor / mapping ``x`` into batches of this size.
-        progress: show a rich progress bar (on stderr); nothing is printed otherwise.
+        progress: ``True``: a rich progress bar on stderr; ``False``: nothing is printed; ``None``
+            (default): a bar on an interactive terminal or notebook when, after the first batch,
+            the rest will take more than about 2 s.
         generator: a ``torch.Generator`` on the model's device for reproducible samples; by
             default one is seeded from the global RNG (so ``torch.manual_seed`` applies).
         noise_std: observation noise of the normal likelihood (a number or a tensor that
@@ -281,6 +316,8 @@ def predict(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     check_optional_positive_int("chunk_size", chunk_size)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
     noise_var = _noise_variance(noise_std, kind)
     calls, total = _batches(x, batch_size, _model_device(model))
 

@@ -42,6 +42,7 @@ import inspect
 import io as _io
 import json
 import os
+import re
 import sys
 import warnings
 from typing import Any, Callable
@@ -95,7 +96,7 @@ def arch_recipe(model: nn.Module | None, arch: Any = None, arch_kwargs: dict[str
         return {"kind": "callable", "target": target, "kwargs": kwargs}, None
     if model is None:
         raise ValueError("no architecture given: pass arch='module:callable'")
-    hf = _hf_recipe(model)
+    hf = _peft_recipe(model) or _hf_recipe(model)
     if hf is not None:
         if arch_kwargs:
             raise ValueError("arch_kwargs cannot be used with a Hugging Face model (its config is recorded)")
@@ -141,8 +142,10 @@ def build_arch(recipe: dict[str, Any], where: str = "recipe", program: Tensor | 
 
             if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
                 raise ValueError(f"{recipe['target']} is not a transformers PreTrainedModel class")
-            config = cls.config_class.from_dict(dict(recipe["config"]))
+            config = cls.config_class.from_dict(dict(recipe["config"]), **_hf_attn_implementation(recipe))
             model = cls(config)
+        elif kind == "peft" and override is None:
+            model = _build_peft(recipe, trust_code)
         elif kind == "callable" or override is not None:
             fn = override if callable(override) else resolve_callable(
                 override or recipe["target"], trusted=override is not None, trust_code=trust_code)
@@ -315,7 +318,59 @@ def _hf_recipe(model: nn.Module) -> dict[str, Any] | None:
     target = (f"transformers:{cls.__name__}" if getattr(transformers, cls.__name__, None) is cls
               else _target_of(cls))
     config = json.loads(model.config.to_json_string(use_diff=False))
-    return {"kind": "transformers", "target": target, "config": config}
+    recipe = {"kind": "transformers", "target": target, "config": config}
+    # Construction settings that config.to_dict() leaves out but that change the outputs.
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn is not None:
+        recipe["attn_implementation"] = attn
+    return recipe
+
+
+def _hf_attn_implementation(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``{"attn_implementation": ...}`` for ``from_dict`` from a recipe: only the built-in
+    implementations, never a Hub kernel (``"org/repo"``, which would fetch and run code)."""
+    attn = recipe.get("attn_implementation")
+    if attn is None:
+        return {}
+    values = list(attn.values()) if isinstance(attn, dict) else [attn]
+    if not all(v is None or (isinstance(v, str) and re.fullmatch(r"[a-z0-9_|]+", v)) for v in values):
+        raise ValueError(f"attn_implementation must name a built-in attention (e.g. 'eager', 'sdpa'), got {attn!r}")
+    return {"attn_implementation": attn}
+
+
+def _peft_recipe(model: nn.Module) -> dict[str, Any] | None:
+    """A PEFT model (e.g. LoRA adapters): the base model's Hugging Face recipe and the adapters' configs."""
+    peft = sys.modules.get("peft")
+    if peft is None or not isinstance(model, peft.PeftModel):
+        return None
+    base = _hf_recipe(model.get_base_model())
+    if base is None:
+        return None
+    adapters = {name: json.loads(json.dumps(cfg.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+                for name, cfg in model.peft_config.items()}
+    return {"kind": "peft", "base": base, "adapters": adapters, "active": model.active_adapter}
+
+
+def _build_peft(recipe: dict[str, Any], trust_code: bool) -> nn.Module:
+    """Rebuild a PEFT model: the base model from its recipe, then its adapters (no Hub access)."""
+    import peft
+
+    base = recipe.get("base")
+    adapters = recipe.get("adapters")
+    if not isinstance(base, dict) or base.get("kind") != "transformers" or not isinstance(adapters, dict) or not adapters:
+        raise ValueError("a 'peft' recipe needs a Hugging Face 'base' recipe and at least one adapter config")
+    model = None
+    for name, cfg in adapters.items():
+        if not isinstance(cfg, dict) or cfg.get("megatron_config") is not None:
+            raise ValueError(f"adapter {name!r}: expected a plain PEFT config (no megatron_config)")
+        config = peft.PeftConfig.from_peft_type(**{**cfg, "megatron_core": "megatron.core"})
+        if model is None:
+            model = peft.get_peft_model(build_arch(base, trust_code=trust_code), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    if recipe.get("active") in adapters:
+        model.set_adapter(recipe["active"])
+    return model
 
 
 def _check_kwargs(kwargs: Any) -> dict[str, Any]:
@@ -348,4 +403,6 @@ def _describe(recipe: Any) -> str:
         return repr(recipe)
     if recipe.get("kind") == "export":
         return "embedded torch.export program"
+    if recipe.get("kind") == "peft":
+        return f"PEFT adapters on {_describe(recipe.get('base'))}"
     return str(recipe.get("target"))

@@ -205,13 +205,16 @@ COLUMNS = [("acc", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"),
 
 
 def run(seeds: list[int], pretrain_epochs: int, finetune_epochs: int, samples: int,
-        log=print) -> dict[str, list[dict[str, float]]]:
+        log=lambda msg: print(msg, flush=True)) -> dict[str, list[dict[str, float]]]:
     data = load_data()
     results: dict[str, list[dict[str, float]]] = {"point": [], "MC dropout": [], "MAP fine-tune": [],
                                                   "bayesify": []}
     for seed in seeds:
         torch.manual_seed(seed)
+        log(f"seed {seed}: pre-training the point CNN ({pretrain_epochs} epochs) ...")
+        t = time.perf_counter()
         point = train_point(cnn(dropout=0.25), data, pretrain_epochs, seed)
+        log(f"seed {seed}: point CNN in {time.perf_counter() - t:.1f} s; ELBO fine-tune ...")
         results["point"].append(summarise(point_predictor(point), data))
         results["MC dropout"].append(summarise(dropout_predictor(point, samples), data))
         torch.manual_seed(seed)
@@ -219,6 +222,7 @@ def run(seeds: list[int], pretrain_epochs: int, finetune_epochs: int, samples: i
         bnn = finetune_bayes(point, data, finetune_epochs, seed, spread_lr=1e-2)
         log(f"seed {seed}: ELBO fine-tune {finetune_epochs} epochs in {time.perf_counter() - t:.1f} s")
         results["bayesify"].append(summarise(bayes_predictor(bnn, samples, seed), data))
+        log(f"seed {seed}: MAP fine-tune (the control) ...")
         torch.manual_seed(seed)
         control = finetune_bayes(point, data, finetune_epochs, seed, samples=1, variational="pointmass")
         results["MAP fine-tune"].append(summarise(point_predictor(control.to_point()), data))

@@ -138,11 +138,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.manual_seed(seed)
         x, y = make_data(100, torch.Generator().manual_seed(seed))
         point = train_point(mlp(), x, y, 1000 if args.fast else 2000)
+        print(f"seed {seed}: point MLP trained ({time.perf_counter() - t:.0f} s)", flush=True)
         models = {}
         for name, include in variants.items():
             torch.manual_seed(seed)
             bnn, loss_fn = finetune(point, x, y, steps, include=include)
             rows[name].append({**spreads(bnn, x, samples, seed), "noise_std": loss_fn.noise_std.item()})
+            print(f"seed {seed}: bayesify(point, {name}) fine-tuned ({steps} ELBO steps): gap / data "
+                  f"{rows[name][-1]['ratio']:.2f} ({time.perf_counter() - t:.0f} s)", flush=True)
             models[name] = (bnn, rows[name][-1]["noise_std"])
         if seed == seeds[0]:
             os.makedirs(args.out, exist_ok=True)

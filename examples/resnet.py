@@ -32,6 +32,21 @@ def synthetic(n: int, classes: int, gen: torch.Generator) -> tuple[Tensor, Tenso
     return protos[y] + 0.5 * torch.randn(n, 3, 32, 32, generator=gen), y
 
 
+def pretrain(model: torch.nn.Module, x: Tensor, y: Tensor, steps: int, batch: int, gen: torch.Generator) -> None:
+    """A few point-model steps, so that the Bayesian fine-tune starts from a network that has
+    learned something (a random ResNet is equally unsure of every input)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(y), (batch,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 5 == 0 or step == steps - 1:
+            print(f"  point pre-training step {step + 1}/{steps}: cross-entropy {loss.item():.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     import torchvision
 
@@ -46,10 +61,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    n, steps, batch, samples = (64, 3, 16, 2) if args.fast else (256, 20, 32, 4)
+    n, pre_steps, steps, batch, samples = (128, 12, 4, 16, 2) if args.fast else (256, 40, 20, 32, 4)
     x, y = synthetic(n, 10, gen)
 
-    model = torchvision.models.resnet18(num_classes=10)  # stands in for your pretrained network
+    model = torchvision.models.resnet18(num_classes=10)
+    pretrain(model, x, y, pre_steps, batch, gen)  # stands in for your pretrained network
     bnn = bf.bayesify(model)
     plan = bnn.conversion_plan
     print(f"converted {len(plan.converted)} conv / linear modules; {len(plan.skipped)} BatchNorm modules stay "
@@ -72,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loss.backward()
         opt.step()
         losses.append((loss.item(), loss_fn.nll(out, y[idx]).item()))
+        print(f"  ELBO step {step + 1}/{steps}: negative ELBO {losses[-1][0]:.1f}, NLL {losses[-1][1]:.3f}",
+              flush=True)
     per_step = (time.perf_counter() - t) / steps
     moved = float((bn.running_mean - before).abs().max())
     print(f"{steps} ELBO steps ({samples} samples x batch {batch}), {per_step:.2f} s/step: negative ELBO "

@@ -59,5 +59,8 @@ def test_resnet_trains_in_train_mode_and_predicts(tmp_path) -> None:
     pytest.importorskip("torchvision")
     r = run_example("resnet", tmp_path)
     assert r["bn_moved"] > 0, r  # BatchNorm running statistics were updated in train mode
-    assert r["nll_last"] < r["nll_first"], r
-    assert r["mi_train"] >= 0 and r["entropy_noise"] > 0, r
+    assert r["loss_last"] < r["loss_first"], r
+    assert r["train_acc"] >= 0.9, r
+    # The table means something: noise images are far less certain than the training images.
+    assert r["entropy_noise"] > r["entropy_train"] + 0.3, r
+    assert r["mi_train"] >= 0, r

@@ -271,3 +271,27 @@ def test_two_sampling_threads_both_fold_their_attention():
     with torch.no_grad():
         torch.testing.assert_close(rb["out"].last_hidden_state.mean(0), second.model(input_ids=ids).last_hidden_state,
                                    atol=0.5, rtol=0)
+
+
+def test_threads_sampling_one_model_take_turns():
+    # The samples are substituted into the model's parameter slots for the forward: threads
+    # sampling the same model at once read each other's samples (or BatchedTensors of another
+    # thread's vmap: "your tensor may have escaped from inside a function being vmapped").
+    torch.manual_seed(0)
+    bnn = bf.bayesify(nn.Sequential(*[nn.Linear(32, 32) for _ in range(8)])).eval()
+    x = torch.randn(8, 32)
+
+    def run(seed: int) -> Tensor:
+        with torch.no_grad():
+            return bnn(x, samples=4, generator=torch.Generator().manual_seed(seed))
+
+    ref = {s: run(s) for s in range(3)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [_in_thread(lambda s=s: [torch.equal(run(s), ref[s]) for _ in range(10)]) for s in range(3)]
+        for thread, _ in threads:
+            thread.join(120)
+    for _, result in threads:
+        assert "error" not in result, result.get("error")
+        assert all(result["out"])
+    assert [str(w.message) for w in caught] == [] and bnn._vmap_failure is None
