@@ -9,7 +9,8 @@ from .loss import ELBOLoss
 from .module import VIModule
 from .plan import Plan, plan
 from .predict import Prediction, predict
+from .train import History, fit
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesianModel", "ELBOLoss", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "priors", "variational", "__version__"]
+__all__ = ["BayesianModel", "ELBOLoss", "History", "fit", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "priors", "variational", "__version__"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
@@ -38,3 +39,16 @@ def parse_shortcut(text: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"expected key=value in {text!r}, got {item!r} (e.g. 'normal:scale=0.1')")
         kwargs[key.strip()] = parse_number(val.strip())
     return name.strip().lower(), kwargs
+
+
+def with_defaults(cls: type, kwargs: dict[str, Any], default: Any) -> dict[str, Any]:
+    """``kwargs`` completed with the fields of ``default`` that ``cls`` also takes.
+
+    A shortcut names what differs from the default: with the default
+    ``Normal(loc="pretrained", scale=0.03)``, ``"normal:scale=0.1"`` is
+    ``Normal(loc="pretrained", scale=0.1)``, not a prior silently moved to 0.
+    """
+    if default is None:
+        return dict(kwargs)
+    takes = inspect.signature(cls).parameters
+    return {**{k: v for k, v in vars(default).items() if k in takes}, **kwargs}

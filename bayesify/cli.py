@@ -448,15 +448,17 @@ def _few(names: list[str], n: int = 3) -> str:
 # -- commands -------------------------------------------------------------------------------------------
 def _choices(args: argparse.Namespace) -> dict[str, Any]:
     """Validated --prior / --variational / selection (checked before any file is read)."""
+    from .plan import default_prior, default_variational
     from .priors import get_prior
     from .variational import get_variational
 
     spec: dict[str, Any] = {"include": args.include, "exclude": args.exclude, "other_params": args.other_params}
-    for flag, fn in (("prior", get_prior), ("variational", get_variational)):
+    for flag, fn, default in (("prior", get_prior, default_prior()), ("variational", get_variational,
+                                                                       default_variational())):
         text = getattr(args, flag, None)
         if text is not None:
             try:
-                spec[flag] = fn(text)
+                spec[flag] = fn(text, default)  # a partial spec keeps the default's other fields
             except (ValueError, TypeError) as exc:
                 raise CLIError(f"--{flag} {text}: {exc}") from None
     return spec
@@ -541,6 +543,8 @@ def _write_checked(bnn: Any, loaded: Loaded, out: str, directory: str, args: arg
 
 
 def _spec_text(spec: dict) -> str:
+    if "name" not in spec:  # per module: {module name: spec, ..., "*": default}
+        return "per module (the plan's prior column)"
     rest = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
     return f"{spec['name']}:{rest}" if rest else spec["name"]
 

@@ -24,38 +24,14 @@ from torch import nn
 
 from .module import VIModule
 from .nn import VILayer
-from .plan import Plan, Selection, _vparams_per_param, build_plan, validate_mapping
-from .priors import Prior, get_prior
+from .plan import (Plan, Selection, build_plan, default_prior, default_variational, settings_of,
+                   validate_mapping)
+from .priors import Prior
 from .recipe import arch_recipe
-from .sites import make_bayesian, remove_bayesian, validate_estimator
-from .variational import VariationalFamily, get_variational
+from .sites import make_bayesian, remove_bayesian
+from .variational import VariationalFamily
 
 __all__ = ["bayesify", "BayesianModel", "DEFAULT_PRIOR", "DEFAULT_VARIATIONAL"]
-
-
-def default_prior() -> Prior:
-    """Normal centred on the pretrained weights, scale 0.03 (the recipe in docs/uncertainty.md).
-
-    Where the data do not pin a weight, the ELBO moves its spread towards the prior scale,
-    so this is the noise level a long fine-tune converges to; 0.03 is about half the typical
-    weight of a small CNN or a MiniLM block.
-    """
-    from .priors import Normal
-
-    return Normal(loc="pretrained", scale=0.03)
-
-
-def default_variational() -> VariationalFamily:
-    """Mean-field Normal, initial std 10 % of each pretrained weight's magnitude.
-
-    Relative, so one setting fits every weight scale; 0.1 leaves a converted model's
-    predictions nearly unchanged at step 0 (larger spreads hurt deep transformers) while a
-    short fine-tune has spreads large enough to matter (``1e-3`` barely moves from the
-    point model). See the recipe in docs/uncertainty.md.
-    """
-    from .variational import MeanFieldNormal
-
-    return MeanFieldNormal(init_std=0.1, relative=True)
 
 
 DEFAULT_PRIOR = default_prior
@@ -70,6 +46,12 @@ class BayesianModel(VIModule):
     (its parameters hold the means; sampling substitutes draws for them).
     ``conversion`` holds the JSON-able conversion spec, ``conversion_plan`` the plan.
     """
+
+    @property
+    def new_modules(self) -> list[str]:
+        """Names of the converted modules that were newly initialised (zero-centred prior);
+        ``bf.fit`` trains their means at a larger learning rate."""
+        return list(self.conversion.get("new_modules", []))
 
     def __init__(self, model: nn.Module, conversion: dict[str, Any], conversion_plan: Plan | None = None) -> None:
         super().__init__()
@@ -103,17 +85,21 @@ def _pattern_spec(p: Any) -> str:
     return p if isinstance(p, str) else f"class:{p.__module__}:{p.__qualname__}"
 
 
+Setting = Any  # one setting, or {glob or nn.Module class: setting} per module
+
+
 def bayesify(
     model: nn.Module,
-    prior: Prior | str | None = None,
-    variational: VariationalFamily | str | None = None,
+    prior: Prior | str | dict[Any, Any] | None = None,
+    variational: VariationalFamily | str | dict[Any, Any] | None = None,
     include: Any = None,
     exclude: Any = None,
     *,
     inplace: bool = False,
     mapping: dict[type[nn.Module], type[VILayer]] | None = None,
     other_params: str = "bayesian",
-    estimator: str = "reparam",
+    estimator: str | dict[Any, str] = "reparam",
+    new_modules: Any = None,
     trace: bool = True,
     arch: Any = None,
     arch_kwargs: dict[str, Any] | None = None,
@@ -122,7 +108,8 @@ def bayesify(
 
     Args:
         prior: a :mod:`bayesify.priors` object or name (default: Normal centred on the
-            pretrained weights, scale 0.03).
+            pretrained weights, scale 0.03). A shortcut string changes only the fields it
+            names (``"normal:scale=0.1"`` stays centred on the pretrained weights).
         variational: a :mod:`bayesify.variational` family or name (default:
             ``MeanFieldNormal(init_std=0.1, relative=True)``: std 10 % of each weight's
             magnitude); ``"pointmass"`` reproduces the model exactly.
@@ -136,9 +123,24 @@ def bayesify(
             BatchNorm parameters always stay deterministic.
         estimator: ``"reparam"`` (per-sample weights, gives ``log_probs``), ``"local"`` or
             ``"flipout"`` (mapped linear / conv layers; analytic KL).
+        new_modules: which weights were newly initialised rather than pretrained; they get a
+            prior centred at 0 (scale ``plan.NEW_MODULE_PRIOR_SCALE``) instead of one centred on
+            their random values. ``None``: what the framework recorded (Hugging Face
+            ``from_pretrained`` marks the tensors it loaded, so a new classifier head is found);
+            else module globs / classes / parameter names (``missing_keys`` of
+            ``from_pretrained(..., output_loading_info=True)``), or ``[]``.
         trace: annotate the plan with a ``torch.fx`` trace where the model traces.
         arch / arch_kwargs: how ``bf.save`` / ``bf.load`` rebuild the architecture
             (``"torchvision.models:resnet18"``, ``{"num_classes": 10}``); recorded in ``conversion``.
+
+    ``prior``, ``variational`` and ``estimator`` also take ``{pattern: setting}`` per module
+    (PEFT's ``rank_pattern`` convention): patterns as in ``include`` over the *original*
+    module names; the most specific match wins (a module's own name before its parent's;
+    among patterns for the same name, the first); ``"*"`` is the default, else the library
+    default. ``bf.plan(model, prior=...)`` shows which prior each module gets::
+
+        bnn = bf.bayesify(model, include=["bert.encoder.layer.5", "classifier"],
+                          prior={"bert.*": "normal:scale=0.01", "*": "normal:loc=0,scale=1"})
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bayesify() expects a torch.nn.Module, got {type(model).__name__}")
@@ -146,15 +148,13 @@ def bayesify(
         raise TypeError("model is already a bayesify.BayesianModel; convert the original model instead")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
-    p = get_prior(prior, default_prior())
-    q = get_variational(variational, default_variational())
-    validate_estimator(estimator)
+    settings = settings_of(model, prior, variational, estimator, new_modules)
     rules = validate_mapping(mapping)
     selection = Selection.of(include, exclude)
     recipe = None
     if arch is not None or arch_kwargs is not None:
         recipe = arch_recipe(model, arch, arch_kwargs, embed=False)[0]
-    the_plan, swaps, generic = build_plan(model, selection, rules, other_params, _vparams_per_param(q), trace)
+    the_plan, swaps, generic = build_plan(model, selection, rules, other_params, settings, trace)
     if not the_plan.converted:  # a "Bayesian" model without a single random weight is a mistake
         raise ValueError(f"nothing to convert: include={include!r}, exclude={exclude!r}, other_params="
                          f"{other_params!r} leave no parameter of {type(model).__name__} Bayesian "
@@ -167,13 +167,16 @@ def bayesify(
     by_name = dict(target.named_modules(remove_duplicate=False))
     shared: dict = {}  # id(point parameter) -> variational state, so tied parameters share a posterior
     new_of: dict[int, nn.Module] = {}
-    for name, _ in swaps:
+    resolved: dict[str, Any] = {}  # module name -> its settings, for the recorded spec
+    for name, _, site in swaps:
         old = by_name[name]
-        new_of[id(old)] = rules[type(old)].from_point(old, p, q, estimator, shared)
-    for name, _, names in generic:
+        new_of[id(old)] = rules[type(old)].from_point(old, site.prior, site.variational, site.estimator, shared)
+        resolved[name] = site
+    for name, _, names, site in generic:
         module = by_name[name]
         for pname in names:
-            make_bayesian(module, pname, p, q, shared)
+            make_bayesian(module, pname, site.prior, site.variational, shared)
+        resolved[name] = site
     # Replace every reference (a module registered under two names is swapped in both places).
     for parent in list(by_name.values()):
         for key, child in list(parent._modules.items()):
@@ -182,18 +185,39 @@ def bayesify(
     if id(target) in new_of:  # the model itself is a mapped layer
         target = new_of[id(target)]
     spec = {
-        "prior": p.spec(),
-        "variational": q.spec(),
+        **_settings_spec(settings, resolved),
         "include": None if selection.include is None else [_pattern_spec(x) for x in selection.include],
         "exclude": [_pattern_spec(x) for x in selection.exclude],
         "other_params": other_params,
-        "estimator": estimator,
         "custom_mapping": mapping is not None,
+        "new_modules": [name for name, site in resolved.items() if site.new],
     }
     if recipe is not None:
         spec["arch"] = recipe
     return BayesianModel(target, spec, the_plan)
 
+
+def _settings_spec(settings: Any, resolved: dict[str, Any]) -> dict[str, Any]:
+    """``prior`` / ``variational`` / ``estimator`` as JSON: one spec when every module got the
+    same, else ``{exact module name: spec, ..., "*": default}`` with what each converted module
+    got (new modules' zero-centred priors included; every module listed, since a name also
+    matches its children), which ``bayesify(new_modules=[])`` redoes exactly."""
+    out: dict[str, Any] = {}
+    for key, one in (("prior", lambda p: p.spec()), ("variational", lambda q: q.spec()), ("estimator", str)):
+        default = getattr(settings, key).default
+        values = {name: getattr(site, key) for name, site in resolved.items()}
+        if all(v == default for v in values.values()):
+            out[key] = one(default)
+        else:
+            out[key] = {**{_escape(n): one(v) for n, v in values.items()}, "*": one(default)}
+    return out
+
+
+def _escape(name: str) -> str:
+    """A module name as a glob that matches only itself (names may hold ``[`` and ``*``)."""
+    import glob
+
+    return glob.escape(name) if name else name
 
 def _deepcopy_with_names(model: nn.Module) -> nn.Module:
     try:

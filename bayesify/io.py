@@ -226,8 +226,9 @@ def _check_conversion(spec: dict[str, Any]) -> None:
     from .variational import get_variational
 
     try:
-        get_prior(dict(spec["prior"]))
-        get_variational(dict(spec["variational"]))
+        for key, get in (("prior", get_prior), ("variational", get_variational)):  # one spec, or per module
+            for one in ([spec[key]] if "name" in spec[key] else spec[key].values()):
+                get(dict(one))
         json.dumps(spec, allow_nan=False)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"cannot save this model portably: its prior / variational family cannot be "
@@ -251,7 +252,8 @@ def _reconvert(point: nn.Module, conv: dict[str, Any], mapping: dict | None, whe
                             include=None if include is None else [class_pattern(p, trust_code) for p in include],
                             exclude=[class_pattern(p, trust_code) for p in exclude],
                             other_params=conv.get("other_params", "bayesian"),
-                            estimator=conv.get("estimator", "reparam"), mapping=mapping, inplace=True)
+                            estimator=conv.get("estimator", "reparam"), mapping=mapping, inplace=True,
+                            new_modules=conv.get("new_modules", []))  # their priors are in the spec too
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{where}: cannot redo the recorded conversion ({exc})") from None
 

@@ -5,11 +5,14 @@ Example::
     >>> loss_fn = bf.ELBOLoss("categorical", dataset_size=60_000)
     >>> bnn.train(); out = bnn(x, samples=4)
     >>> loss = loss_fn(out, y); loss.backward()
+    >>> loss_fn.last.nll, loss_fn.last.kl_term       # floats, for logging
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -19,7 +22,7 @@ from torch import Tensor, nn
 from ._choices import lookup
 from .module import vi_attributes
 
-__all__ = ["ELBOLoss", "LIKELIHOODS", "first_tensor"]
+__all__ = ["ELBOLoss", "ELBOTerms", "LIKELIHOODS", "first_tensor"]
 
 LIKELIHOODS = {"categorical": "categorical", "normal": "normal", "gaussian": "normal"}
 KL_MODES = {"mc": "mc", "analytic": "analytic"}
@@ -43,6 +46,21 @@ def first_tensor(out: Any) -> Tensor:
     return values[0]
 
 
+@dataclass(frozen=True)
+class ELBOTerms:
+    """The parts of one ``ELBOLoss`` call, as floats: ``loss = nll + kl_term``."""
+
+    nll: float  #: expected negative log likelihood per data point
+    kl: float  #: KL(q || prior) estimate, nats, summed over all Bayesian weights
+    kl_term: float  #: what the loss adds: ``kl_weight * kl / dataset_size``
+    loss: float
+
+
+#: The KL-domination check (see ``ELBOLoss``): over the first ``_WATCH`` training calls.
+_WATCH = 20
+_KL_DOMINATES = 100.0
+
+
 class ELBOLoss(nn.Module):
     """Negative ELBO per data point.
 
@@ -55,6 +73,11 @@ class ELBOLoss(nn.Module):
         noise_std: observation noise of the normal likelihood: a positive number (fixed) or
             ``"learn"`` (a learnable parameter of this loss; add ``loss_fn.parameters()`` to
             the optimizer).
+
+    After each call, ``loss_fn.last`` holds its :class:`ELBOTerms` (``nll``, ``kl``,
+    ``kl_term``, ``loss`` as floats) for logging. Over the first 20 calls with gradients it
+    watches for the silent failure of a prior that pins the weights: if the KL term is over
+    100x the NLL and the NLL has not fallen, it warns once and names the fixes.
     """
 
     def __init__(self, likelihood: str | Callable[[Tensor, Tensor], Tensor] = "categorical",
@@ -81,6 +104,17 @@ class ELBOLoss(nn.Module):
             self.register_buffer("log_noise_std", torch.tensor(math.log(noise_std)))
         else:
             raise ValueError(f"noise_std must be a positive number or 'learn', got {noise_std!r}")
+
+    _last: tuple[Tensor, Tensor, Tensor] | None = None
+    _watched: list[tuple[float, float]] | None = None
+
+    @property
+    def last(self) -> ELBOTerms:
+        """NLL, KL and loss of the last call (floats; read when logging, so no device sync per step)."""
+        if self._last is None:
+            raise ValueError("ELBOLoss.last is set by a call: loss_fn(out, target) first")
+        nll, kl, term = (float(t) for t in self._last)
+        return ELBOTerms(nll=nll, kl=kl, kl_term=term, loss=nll + term)
 
     @property
     def noise_std(self) -> Tensor:
@@ -119,4 +153,34 @@ class ELBOLoss(nn.Module):
 
     def forward(self, out: Any, target: Tensor) -> Tensor:
         pred = first_tensor(out)
-        return self.nll(pred, target) + self.kl_weight * self.kl_term(pred) / self.dataset_size
+        nll = self.nll(pred, target)
+        kl = self.kl_term(pred)
+        term = self.kl_weight * kl / self.dataset_size
+        self._last = (nll.detach(), kl.detach(), term.detach())
+        if torch.is_grad_enabled():
+            self._watch(float(nll.detach()), float(term.detach()))
+        return nll + term
+
+    def _watch(self, nll: float, term: float) -> None:
+        """Warn once if, over the first training calls, the KL term dwarfs a NLL that does not fall."""
+        if self._watched is None:
+            self._watched = []
+        if len(self._watched) >= _WATCH:
+            return
+        self._watched.append((nll, term))
+        if len(self._watched) < _WATCH:
+            return
+        k = _WATCH // 4
+        first = sum(n for n, _ in self._watched[:k]) / k
+        recent = sum(n for n, _ in self._watched[-k:]) / k
+        ratio = sum(t for _, t in self._watched) / max(sum(n for n, _ in self._watched), 1e-12)
+        if ratio > _KL_DOMINATES and recent > 0.95 * first:
+            warnings.warn(
+                f"ELBOLoss: over the first {_WATCH} training steps the KL term is {ratio:,.0f}x the NLL "
+                f"(dataset_size={self.dataset_size}) and the NLL has not fallen ({first:.3g} -> {recent:.3g}): "
+                "the prior pins the weights where they started. Fixes: weights that were never trained "
+                "need a zero-centred prior (see the prior column of bf.plan(model, ...); pass "
+                "new_modules=['head'] or prior={'head': 'normal:loc=0,scale=1', '*': None}); make fewer "
+                "weights Bayesian (include=[the last block, the head]); check that dataset_size is the "
+                "number of training points; or warm up with ELBOLoss(kl_weight=0.1).",
+                UserWarning, stacklevel=3)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .nn import DEFAULT_MAPPING, VILayer
 
-__all__ = ["plan", "Plan", "PlanEntry", "SkipEntry", "Selection"]
+__all__ = ["plan", "Plan", "PlanEntry", "SkipEntry", "Selection", "PerModule", "new_parameters"]
 
 OTHER_PARAMS = ("bayesian", "deterministic")
 
@@ -43,6 +43,8 @@ class PlanEntry:
     params_before: int
     params_after: int
     calls: int | None = None  # from the fx graph; None when the model did not trace
+    prior: str = ""  # the prior its tensors get (short form)
+    new: bool = False  # newly initialised (not loaded from a checkpoint): zero-centred prior
 
 
 @dataclass
@@ -74,26 +76,43 @@ class Plan:
 
         title = "bayesify plan — graph: " + ("torch.fx trace" if self.traced else "module tree")
         t = Table(title=title, caption=self.trace_note or None)
-        for col in ("module", "type", "becomes", "params", "params after", "fx calls"):
+        for col in ("module", "type", "becomes", "prior", "params", "params after", "fx calls"):
             t.add_column(col, justify="right" if col in ("params", "params after", "fx calls") else "left",
                          overflow="fold")
         for e in self.converted:
-            t.add_row(e.name or "(root)", e.type, e.becomes, f"{e.params_before:,}", f"{e.params_after:,}",
+            prior = f"{e.prior} [i](new)[/i]" if e.new else e.prior
+            t.add_row(e.name or "(root)", e.type, e.becomes, prior, f"{e.params_before:,}", f"{e.params_after:,}",
                       "-" if e.calls is None else str(e.calls))
+        unselected = [s for s in self.skipped if s.reason == _NOT_SELECTED]
         for s in self.skipped:
-            t.add_row(s.name or "(root)", s.type, f"[dim]skipped: {s.reason}[/dim]", "", "", "")
-        t.add_row("[b]total[/b]", "", f"{len(self.converted)} converted, {len(self.skipped)} skipped",
+            if s.reason != _NOT_SELECTED or len(unselected) <= _MAX_UNSELECTED_ROWS:
+                t.add_row(s.name or "(root)", s.type, f"[dim]skipped: {s.reason}[/dim]", "", "", "", "")
+        if len(unselected) > _MAX_UNSELECTED_ROWS:  # e.g. the frozen blocks of a large model
+            names = ", ".join(s.name for s in unselected[:3])
+            t.add_row(f"[dim]{names}, ... ({len(unselected)} modules)[/dim]", "",
+                      f"[dim]skipped: {_NOT_SELECTED}[/dim]", "", "", "", "")
+        t.add_row("[b]total[/b]", "", f"{len(self.converted)} converted, {len(self.skipped)} skipped", "",
                   f"{self.params_before:,}", f"{self.params_after:,}", "")
         return t
+
+    def __rich__(self) -> Any:  # rich.print(plan), and notebooks with rich's IPython extension
+        return self.table()
+
+    def __repr__(self) -> str:  # a REPL / notebook shows the table
+        return str(self)
 
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=140, record=True, file=_NullIO())
+        console = Console(width=180, record=True, file=_NullIO())
         console.print(self.table())
         for w in self.warnings:
             console.print(f"warning: {w}")
         return console.export_text()
+
+
+_NOT_SELECTED = "not selected by include/exclude"
+_MAX_UNSELECTED_ROWS = 8  # more are summarised in one row (the names stay in Plan.skipped)
 
 
 class _NullIO:
@@ -125,6 +144,97 @@ class Selection:
         if self.include is None:
             return True
         return any(_match(p, n, m) for p in self.include for n, m in chain)
+
+
+@dataclass(frozen=True)
+class PerModule:
+    """A setting given per module (PEFT's ``rank_pattern`` convention): ``{pattern: setting}``.
+
+    Patterns are what ``include`` takes: globs over the *original* qualified module names
+    (``model.named_modules()``) or ``nn.Module`` classes. The most specific match wins: the
+    module's own name before its parent's, and so up to the root; among patterns matching
+    the same name, the first in the dict. ``"*"`` is the default (whatever its position);
+    without it, the library default. A dict with a ``"name"`` key is one setting's spec (as
+    ``bf.save`` records it), not patterns.
+    """
+
+    kind: str
+    patterns: tuple[tuple[Pattern, Any], ...]
+    default: Any
+
+    @staticmethod
+    def of(kind: str, value: Any, resolve: Callable[[Any], Any]) -> "PerModule":
+        """``resolve(setting)`` validates one setting; ``resolve(None)`` gives the default."""
+        if not is_pattern_dict(value):
+            return PerModule(kind, (), resolve(value))
+        default, patterns = None, []
+        for key, setting in value.items():
+            try:
+                resolved = resolve(setting)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{kind}[{key!r}]: {exc}") from None
+            if key == "*":
+                default = resolved
+            elif isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module)):
+                patterns.append((key, resolved))
+            else:
+                raise TypeError(f"{kind} keys must be glob strings over module names, nn.Module classes or '*'; "
+                                f"got {key!r}")
+        return PerModule(kind, tuple(patterns), resolve(None) if default is None else default)
+
+    def get(self, name: str, module: nn.Module, ancestors: Sequence[tuple[str, nn.Module]]) -> Any:
+        for n, m in [(name, module), *reversed(ancestors)]:
+            for pat, setting in self.patterns:
+                if _match(pat, n, m):
+                    return setting
+        return self.default
+
+    def spec(self, one: Callable[[Any], Any]) -> Any:
+        """JSON form: ``one(default)`` when uniform, else ``{pattern: one(setting), ..., "*": ...}``."""
+        if not self.patterns:
+            return one(self.default)
+        return {**{_pattern_text(p): one(v) for p, v in self.patterns}, "*": one(self.default)}
+
+
+def is_pattern_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and "name" not in value
+
+
+def _pattern_text(p: Pattern) -> str:
+    return p if isinstance(p, str) else f"class:{p.__module__}:{p.__qualname__}"
+
+
+def new_parameters(model: nn.Module, new_modules: Any = None) -> set[int]:
+    """``id()`` of every parameter that was newly initialised rather than loaded.
+
+    ``new_modules=None``: what the framework recorded. Hugging Face ``from_pretrained``
+    (transformers >= 5) flags every tensor it loaded (or tied) with ``_is_hf_initialized``;
+    a model holding such flags has its unflagged parameters (a new classifier head, modules
+    added after loading such as LoRA adapters) counted as new. Otherwise: a list of module
+    globs / classes / parameter names (e.g. the ``missing_keys`` of
+    ``from_pretrained(..., output_loading_info=True)``); ``[]`` for none.
+    """
+    params = list(model.named_parameters(remove_duplicate=False))
+    if new_modules is None:
+        if not any(getattr(p, "_is_hf_initialized", False) is True for _, p in params):
+            return set()
+        return {id(p) for _, p in params if getattr(p, "_is_hf_initialized", False) is not True}
+    entries = _patterns("new_modules", new_modules)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    found: set[int] = set()
+    for entry in entries:
+        hit = False
+        for pname, p in params:
+            owner = pname.rpartition(".")[0]
+            chain = [owner] + [owner.rsplit(".", k)[0] for k in range(1, owner.count(".") + 1)] if owner else [""]
+            if (isinstance(entry, str) and fnmatch.fnmatchcase(pname, entry)) or \
+                    any(_match(entry, n, modules[n]) for n in chain if n in modules):
+                found.add(id(p))
+                hit = True
+        if not hit:
+            raise ValueError(f"new_modules entry {_show(entry)!r} matches no module or parameter of the model "
+                             "(globs over model.named_modules() / named_parameters() names, or classes)")
+    return found
 
 
 def _patterns(kind: str, value: Any) -> tuple[Pattern, ...]:
@@ -210,17 +320,74 @@ def validate_mapping(mapping: Any) -> dict[type[nn.Module], type[VILayer]]:
     return mapping
 
 
+@dataclass(frozen=True)
+class SiteSettings:
+    """What one converted module gets: prior, variational family, estimator; ``new``: newly
+    initialised (its prior is then centred at zero, see :func:`zero_centred`)."""
+
+    prior: Any
+    variational: Any
+    estimator: str
+    new: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The per-module settings of one conversion, and the ids of newly initialised parameters."""
+
+    prior: PerModule
+    variational: PerModule
+    estimator: PerModule
+    new: frozenset[int] = frozenset()
+
+    def for_module(self, name: str, module: nn.Module, ancestors: Sequence[tuple[str, nn.Module]],
+                   params: Sequence[nn.Parameter]) -> SiteSettings:
+        new = any(id(p) in self.new for p in params)
+        prior = self.prior.get(name, module, ancestors)
+        if new:
+            prior = zero_centred(prior)
+        return SiteSettings(prior, self.variational.get(name, module, ancestors),
+                            self.estimator.get(name, module, ancestors), new)
+
+    def unused_patterns(self, model: nn.Module) -> list[str]:
+        out = []
+        for per in (self.prior, self.variational, self.estimator):
+            for pat, _ in per.patterns:
+                if not any(_match(pat, n, m) for n, m, _ in _tree(model)):
+                    out.append(f"{per.kind} pattern {_show(pat)!r} matched no module")
+        return out
+
+
+#: Scale of the zero-centred prior that newly initialised weights get in place of a prior
+#: centred on their (random) values. Broad, as for a network trained from scratch: an
+#: init-sized scale (0.02) lets the KL pin a new head near zero when the data set is small.
+NEW_MODULE_PRIOR_SCALE = 1.0
+
+
+def zero_centred(prior: Any) -> Any:
+    """``prior`` with its centre moved from the (random) point weights to 0 and its scale raised
+    to at least :data:`NEW_MODULE_PRIOR_SCALE`; priors not centred on the point weights are kept."""
+    if getattr(prior, "loc", None) != "pretrained":
+        return prior
+    fields = {**prior.__dict__, "loc": 0.0}
+    if "scale" in fields:
+        fields["scale"] = max(float(fields["scale"]), NEW_MODULE_PRIOR_SCALE)
+    return type(prior)(**fields)
+
+
 def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_params: str,
-               vparams_per_param: int, trace: bool = True) -> tuple[Plan, list[tuple[str, nn.Module]],
-                                                                        list[tuple[str, nn.Module, list[str]]]]:
-    """The plan, plus the modules to swap and the (module, parameter names) for the general rule."""
+               settings: Settings, trace: bool = True
+               ) -> tuple[Plan, list[tuple[str, nn.Module, SiteSettings]],
+                          list[tuple[str, nn.Module, list[str], SiteSettings]]]:
+    """The plan, plus the modules to swap and the (module, parameter names) for the general
+    rule, each with its settings."""
     if other_params not in OTHER_PARAMS:
         raise ValueError(f"unknown other_params {other_params!r}; valid choices: {', '.join(OTHER_PARAMS)}")
     result = Plan()
     calls, attrs, note = _fx_graph(model, mapping) if trace else (None, set(), "tracing disabled")
     result.traced, result.trace_note = calls is not None, note
-    swaps: list[tuple[str, nn.Module]] = []
-    generic: list[tuple[str, nn.Module, list[str]]] = []
+    swaps: list[tuple[str, nn.Module, SiteSettings]] = []
+    generic: list[tuple[str, nn.Module, list[str], SiteSettings]] = []
     seen_params: set[int] = set()
     matched_any = False
     swapped_subtrees: list[str] = []
@@ -235,21 +402,24 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
             continue
         if type(module) in mapping:
             if not selected:
-                result.skipped.append(SkipEntry(name, tname, "not selected by include/exclude"))
+                result.skipped.append(SkipEntry(name, tname, _NOT_SELECTED))
                 continue
             matched_any = True
-            n = sum(p.numel() for p in module.parameters() if id(p) not in seen_params)
+            params = [p for p in module.parameters() if id(p) not in seen_params]
+            n = sum(p.numel() for p in params)
             seen_params.update(id(p) for p in module.parameters())
+            site = settings.for_module(name, module, ancestors, params)
             result.converted.append(PlanEntry(name, tname, mapping[type(module)].__name__, n,
-                                              n * (1 + vparams_per_param),
-                                              None if calls is None else calls.get(name, 0)))
-            swaps.append((name, module))
+                                              n * (1 + _vparams_per_param(site.variational)),
+                                              None if calls is None else calls.get(name, 0),
+                                              _prior_text(site.prior), site.new))
+            swaps.append((name, module, site))
             swapped_subtrees.append(name)
             continue
         if not own:
             continue
         if not selected:
-            result.skipped.append(SkipEntry(name, tname, "not selected by include/exclude"))
+            result.skipped.append(SkipEntry(name, tname, _NOT_SELECTED))
             continue
         matched_any = True
         if isinstance(module, _BatchNorm):
@@ -263,14 +433,16 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
             continue
         n = sum(module._parameters[k].numel() for k in names)  # type: ignore[union-attr]
         seen_params.update(id(module._parameters[k]) for k in names)
+        site = settings.for_module(name, module, ancestors, [module._parameters[k] for k in names])  # type: ignore[misc]
         used = ""
         if calls is not None:
             read = [k for k in names if (f"{name}.{k}" if name else k) in attrs]
             used = f" (read directly: {', '.join(read)})" if read else ""
         result.converted.append(PlanEntry(name, tname, f"general rule: {', '.join(names)}{used}", n,
-                                          n * (1 + vparams_per_param),
-                                          None if calls is None else calls.get(name, 0)))
-        generic.append((name, module, names))
+                                          n * (1 + _vparams_per_param(site.variational)),
+                                          None if calls is None else calls.get(name, 0),
+                                          _prior_text(site.prior), site.new))
+        generic.append((name, module, names, site))
     if selection.include is not None and not matched_any:
         names = [n for n, _, _ in _tree(model) if n][:12]
         raise ValueError(f"include={list(map(_show, selection.include))} matches no module with parameters; "
@@ -279,23 +451,79 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
     for pat in selection.exclude:
         if not any(_match(pat, n, m) for n, m, _ in _tree(model)):
             result.warnings.append(f"exclude pattern {_show(pat)!r} matched no module")
+    result.warnings.extend(settings.unused_patterns(model))
     return result, swaps, generic
+
+
+def _prior_text(prior: Any) -> str:
+    """``Normal(pretrained, 0.03)``: the prior's class and field values, short."""
+    values = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in prior.__dict__.values())
+    return f"{type(prior).__name__}({values})"
 
 
 def _show(p: Pattern) -> str:
     return p if isinstance(p, str) else p.__name__
 
 
-def plan(model: nn.Module, include: Any = None, exclude: Any = None, mapping: Any = None,
-         other_params: str = "bayesian", trace: bool = True, variational: Any = None) -> Plan:
-    """What ``bayesify(model, ...)`` would convert; changes nothing. ``print()`` it for a table."""
+def default_prior() -> Any:
+    """Normal centred on the pretrained weights, scale 0.03 (the recipe in docs/uncertainty.md).
+
+    Where the data do not pin a weight, the ELBO moves its spread towards the prior scale,
+    so this is the noise level a long fine-tune converges to; 0.03 is about half the typical
+    weight of a small CNN or a MiniLM block. Newly initialised weights (a new head) get a
+    zero-centred prior instead (:func:`zero_centred`).
+    """
+    from .priors import Normal
+
+    return Normal(loc="pretrained", scale=0.03)
+
+
+def default_variational() -> Any:
+    """Mean-field Normal, initial std 10 % of each pretrained weight's magnitude.
+
+    Relative, so one setting fits every weight scale; 0.1 leaves a converted model's
+    predictions nearly unchanged at step 0 (larger spreads hurt deep transformers) while a
+    short fine-tune has spreads large enough to matter (``1e-3`` barely moves from the
+    point model). See the recipe in docs/uncertainty.md.
+    """
+    from .variational import MeanFieldNormal
+
+    return MeanFieldNormal(init_std=0.1, relative=True)
+
+
+def settings_of(model: nn.Module, prior: Any = None, variational: Any = None, estimator: Any = "reparam",
+                new_modules: Any = None) -> Settings:
+    """Validate ``bayesify``'s per-module settings (each a setting or ``{pattern: setting}``).
+
+    A shortcut string names only what differs from the default: ``"normal:scale=0.1"`` keeps
+    the default's ``loc="pretrained"``.
+    """
+    from .priors import get_prior
+    from .sites import validate_estimator
     from .variational import get_variational
 
+    dp, dq = default_prior(), default_variational()
+    return Settings(
+        PerModule.of("prior", prior, lambda v: get_prior(v, dp)),
+        PerModule.of("variational", variational, lambda v: get_variational(v, dq)),
+        PerModule.of("estimator", estimator, lambda v: validate_estimator("reparam" if v is None else v)),
+        frozenset(new_parameters(model, new_modules)),
+    )
+
+
+def plan(model: nn.Module, include: Any = None, exclude: Any = None, mapping: Any = None,
+         other_params: str = "bayesian", trace: bool = True, variational: Any = None, *,
+         prior: Any = None, estimator: Any = "reparam", new_modules: Any = None) -> Plan:
+    """What ``bayesify(model, ...)`` would convert, with each module's prior; changes nothing.
+
+    In a notebook or REPL the returned plan shows itself as a table; in a script,
+    ``print(bf.plan(model))`` (or ``rich.print`` it).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan() expects a torch.nn.Module, got {type(model).__name__}")
-    q = get_variational(variational)
+    settings = settings_of(model, prior, variational, estimator, new_modules)
     p, _, _ = build_plan(model, Selection.of(include, exclude), validate_mapping(mapping), other_params,
-                         _vparams_per_param(q), trace)
+                         settings, trace)
     for w in p.warnings:
         warnings.warn(w, UserWarning, stacklevel=2)
     return p

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, distributions as D
 
-from ._choices import lookup, parse_shortcut
+from ._choices import lookup, parse_shortcut, with_defaults
 
 __all__ = ["Prior", "Normal", "Laplace", "StudentT", "ScaleMixtureNormal", "Flat", "get_prior", "PRIORS"]
 
@@ -203,7 +203,11 @@ PRIORS: dict[str, type[Prior]] = {
 
 
 def get_prior(prior: Prior | str | dict[str, Any] | None, default: Prior | None = None) -> Prior:
-    """Resolve a prior from an instance, a shortcut string (``"normal:scale=0.1"``) or a spec dict."""
+    """Resolve a prior from an instance, a shortcut string (``"normal:scale=0.1"``) or a spec dict.
+
+    A shortcut's unnamed fields come from ``default`` where its family has them (else from the
+    family's own defaults), so a partial spec changes only what it names.
+    """
     if prior is None:
         return default if default is not None else Normal(0.0, 1.0)
     if isinstance(prior, Prior):
@@ -216,7 +220,7 @@ def get_prior(prior: Prior | str | dict[str, Any] | None, default: Prior | None 
         name, kwargs = parse_shortcut(prior)
         cls = lookup("prior", name, PRIORS)
         try:
-            return cls(**kwargs)
+            return cls(**with_defaults(cls, kwargs, default))
         except TypeError as exc:
             raise ValueError(f"bad arguments for prior {name!r}: {exc}") from None
     raise TypeError(

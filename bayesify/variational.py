@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, distributions as D
 
-from ._choices import lookup, parse_shortcut
+from ._choices import lookup, parse_shortcut, with_defaults
 from ._normal import blocks, meanfield_draw, run_parallel, scratch, softplus_scratch, standard_normal
 
 __all__ = ["VariationalFamily", "MeanFieldNormal", "PointMass", "get_variational", "VARIATIONAL"]
@@ -287,7 +287,10 @@ VARIATIONAL: dict[str, type[VariationalFamily]] = {
 def get_variational(
     variational: VariationalFamily | str | dict[str, Any] | None, default: VariationalFamily | None = None
 ) -> VariationalFamily:
-    """Resolve a family from an instance, a shortcut (``"meanfield:init_std=1e-3"``) or a spec dict."""
+    """Resolve a family from an instance, a shortcut (``"meanfield:init_std=1e-3"``) or a spec dict.
+
+    A shortcut's unnamed fields come from ``default`` where its family has them.
+    """
     if variational is None:
         return default if default is not None else MeanFieldNormal()
     if isinstance(variational, VariationalFamily):
@@ -300,7 +303,7 @@ def get_variational(
         name, kwargs = parse_shortcut(variational)
         cls = lookup("variational family", name, VARIATIONAL)
         try:
-            return cls(**kwargs)
+            return cls(**with_defaults(cls, kwargs, default))
         except TypeError as exc:
             raise ValueError(f"bad arguments for variational family {name!r}: {exc}") from None
     raise TypeError(
