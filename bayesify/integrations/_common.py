@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import metrics
 from ..loss import ELBOLoss, first_tensor
 from ..module import VIModule
-from ..sites import iter_sites
+from ..train import param_groups as _fit_groups
 
 __all__ = ["check_model", "param_groups", "dataset_length", "ELBOTracker", "calibration", "predictive"]
 
@@ -24,19 +24,18 @@ def check_model(model: Any, where: str) -> VIModule:
 
 
 def param_groups(model: nn.Module, lr: float, spread_lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Two optimizer groups: the means (and every other trainable parameter) at ``lr`` with
-    ``weight_decay``, the variational spreads at ``spread_lr`` without decay.
+    """``bf.fit``'s optimizer groups (:func:`bayesify.train.param_groups`) with the spreads and
+    newly initialised modules at ``spread_lr`` and ``weight_decay`` on the means only.
 
     A spread lives on a log scale: at a fine-tuning learning rate it barely moves (see the
     recipe in docs/uncertainty.md). Groups without parameters are left out.
     """
-    spread_ids = {id(v) for s in iter_sites(model) for v in s.vparams().values()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    spreads = [p for p in trainable if id(p) in spread_ids]
-    means = [p for p in trainable if id(p) not in spread_ids]
-    groups = [{"params": means, "lr": lr, "weight_decay": weight_decay},
-              {"params": spreads, "lr": spread_lr, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    if lr <= 0 or spread_lr <= 0:
+        raise ValueError(f"learning rates must be positive, got lr={lr!r}, spread_lr={spread_lr!r}")
+    groups = _fit_groups(model, lr=lr, fast=spread_lr / lr)
+    for g in groups:
+        g["weight_decay"] = weight_decay if g["name"] == "means" else 0.0
+    return groups
 
 
 def dataset_length(dataset: Any, given: int | None, where: str) -> int:
