@@ -26,10 +26,10 @@ reparameterisation and Flipout estimators serve as well.
 Where this differs from the paper, for robustness (the reference package breaks down for
 some Hessian initialisations and learning rates):
 
-- ``h`` is the running average of the estimates (step ``t`` weighs its estimate by
-  ``max(1 - beta2, 1 / t)``), then the paper's exponential average; it starts from the
-  model's current spreads (``h0 = 1 / (ess mean(sigma0^2)) - delta`` per tensor), which
-  matters for the first step only (see (*)), so no Hessian init needs tuning;
+- ``h`` is a running average of the estimates (step ``t`` weighs its estimate by
+  ``max(1 - beta2, 1 / (t + 10))``), then the paper's exponential average; it starts from
+  the model's current spreads (``h0 = 1 / (ess mean(sigma0^2)) - delta`` per tensor),
+  which count as 10 estimates, so no Hessian init needs tuning;
 - ``delta`` comes from each site's prior (``Normal(loc, scale)``: ``1 / (ess scale^2)``,
   pulling towards ``loc``, the pretrained weights for ``loc="pretrained"``);
 - (*) ``a = h + delta`` moves by ``d = w (h_hat - h)`` (unbiased: ``h`` is an average of
@@ -66,7 +66,15 @@ from .priors import Flat, Laplace, Normal, Prior, ScaleMixtureNormal, StudentT
 from .sites import Site, iter_sites
 from .variational import MeanFieldNormal, inverse_softplus
 
-__all__ = ["IVON", "prior_precision"]
+__all__ = ["IVON", "hessian_estimate", "prior_precision"]
+
+#: How many estimates the starting Hessian counts as. With 0, h after the first step is one
+#: noisy estimate clamped at 0: half the weights jumped to the prior's spread, and a
+#: converted MLP with a Normal("pretrained", 0.3) prior died in the first steps (RMSE 2.0
+#: on the gap task of benchmarks/quality.py, against 0.12 with 10).
+_START_WEIGHT = 10
+#: Each Hessian estimate enters the average clipped to h +- _CLIP * (h + delta).
+_CLIP = 3.0
 
 
 def prior_precision(prior: Prior) -> tuple[float, str | float]:
@@ -89,6 +97,13 @@ def prior_precision(prior: Prior) -> tuple[float, str | float]:
         raise TypeError(f"IVON needs a prior with a variance (Normal, Laplace, StudentT, ScaleMixtureNormal, Flat), "
                         f"got {prior!r}; pass weight_decay= to set the prior precision directly")
     return 1.0 / var, loc
+
+
+def hessian_estimate(rho: Tensor) -> Tensor:
+    """The reparameterisation estimate of the Hessian diagonal from the gradient in ``rho.grad``:
+    ``(1/S) sum_s g_s eps_s / sigma`` (the gradient over ``dsigma/drho = sigmoid(rho)``, over sigma)."""
+    r = rho.detach().float()
+    return rho.grad.float().div(torch.sigmoid(r).mul_(F.softplus(r)).clamp_min_(1e-38))
 
 
 def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, closed_low: bool = False) -> float:
@@ -117,8 +132,8 @@ class IVON(torch.optim.Optimizer):
             weights for ``loc="pretrained"``). A number overrides it (centred on 0).
         hess_init: initial Hessian estimate; default (None) from the model's current spreads
             (per tensor: ``1 / (ess * mean(std^2)) - delta``). Step ``t`` weighs its estimate by
-            ``max(1 - beta2, 1 / t)`` (a running average, then the paper's exponential one), so
-            the start matters for the first step only.
+            ``max(1 - beta2, 1 / (t + 10))`` (a running average in which the start counts as 10
+            estimates, then the paper's exponential one), so the start fades within ~100 steps.
         clip_radius: largest change of a mean in one step, in posterior standard deviations
             (``math.inf``: no clipping).
         max_grad_norm: clip the gradient of the means to this global norm before the update
@@ -296,14 +311,17 @@ class IVON(torch.optim.Optimizer):
                 hess, mom = st["hess"], st["momentum"]
                 sigma = F.softplus(rho.float())
                 if rho.grad is not None:
-                    # h_hat = (1/S) sum_s g_s eps_s / sigma  (the rho gradient over dstd/drho = sigmoid)
-                    h_hat = rho.grad.float().div(torch.sigmoid(rho.float()).mul_(sigma).clamp_min_(1e-38))
-                    w = max(1.0 - beta2, 1.0 / t)
+                    h_hat = hessian_estimate(rho)
+                    w = max(1.0 - beta2, 1.0 / (t + _START_WEIGHT))
                     # a = h + delta moves by d = w (h_hat - h) but stays >= delta (h >= 0); with
                     # no prior (delta = 0) it falls at most 10x per step (module docstring, (*)).
                     a = hess.add(delta).clamp_min_(1e-12)
+                    # Each estimate enters within h +- 3 (h + delta): symmetric, so the average
+                    # stays unbiased for the estimator's symmetric noise, and no single draw can
+                    # collapse h (module docstring, (*)).
+                    d = torch.maximum(torch.minimum(h_hat.sub_(hess), a * _CLIP), a * -_CLIP)
                     lower = a.mul(0.1) if delta == 0 else delta
-                    a = torch.clamp_min(h_hat.sub_(hess).mul_(w).add_(a), lower)
+                    a = torch.clamp_min(d.mul_(w).add_(a), lower)
                     hess.copy_(a.sub_(delta).nan_to_num_(nan=0.0, posinf=1e30))
                 g = p.grad.float() if p.grad is not None else torch.zeros_like(mom)
                 mom.mul_(beta1).add_(g, alpha=(1 - beta1) * scale)

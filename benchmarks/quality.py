@@ -176,6 +176,170 @@ class Digits(Task):
                 "auroc_noise": m.auroc(t["entropy"], n["entropy"])}
 
 
+class Regression(Task):
+    """Shared parts of the regression tasks: Gaussian likelihood, noise from the point model."""
+
+    likelihood = "normal"
+    dropout = 0.05
+    noise_var = 1.0
+
+    def point_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(out, y)
+
+    def pretrain(self, seed: int) -> nn.Module:
+        net = super().pretrain(seed)
+        if seed < 100:  # not for ensemble members (seed + 100 k)
+            # The observation noise every method uses: the point model's training residual variance.
+            with torch.no_grad():
+                self.noise_var = float(F.mse_loss(net(self.x_train), self.y_train))
+        return net
+
+    def make_net(self) -> nn.Module:
+        d = self.x_train.shape[1]
+        return nn.Sequential(nn.Linear(d, 50), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(50, 50), nn.ReLU(),
+                             nn.Dropout(self.dropout), nn.Linear(50, 1))
+
+    def _nll_rmse(self, pred: dict[str, Tensor], y: Tensor) -> tuple[float, float]:
+        y = y.reshape(-1)
+        rmse = float((pred["mean"] - y).square().mean().sqrt())
+        return bf.metrics.gaussian_nll(pred["mean"], pred["var"], y), rmse
+
+
+class Gap(Regression):
+    """1-D regression, inputs in [-3, -1] and [1, 3]: how much more uncertain in the gap?"""
+
+    name = "gap"
+    batch_size = 50
+    pretrain_epochs = 300
+    columns = [("rmse", "test RMSE"), ("nll", "test NLL"), ("gap_std", "epi. std gap"),
+               ("data_std", "epi. std data"), ("ratio", "ratio gap/data")]
+
+    def __init__(self, quick: bool = False) -> None:
+        super().__init__(quick)
+        gen = torch.Generator().manual_seed(0)
+
+        def sample(n: int) -> tuple[Tensor, Tensor]:
+            x = torch.cat([lo + 2 * torch.rand(n, 1, generator=gen) for lo in (-3.0, 1.0)])
+            return x, torch.sin(1.5 * x) + 0.2 * x + 0.1 * torch.randn(x.shape, generator=gen)
+
+        self.x_train, self.y_train = sample(100)
+        self.x_test, self.y_test = sample(200)
+        self.x_gap = torch.linspace(-0.75, 0.75, 100).unsqueeze(1)
+        if quick:
+            self.pretrain_epochs, self.steps = 100, 100
+
+    def evaluate(self, predict: Predictive) -> dict[str, float]:
+        t, g = predict(self.x_test), predict(self.x_gap)
+        nll, rmse = self._nll_rmse(t, self.y_test)
+        gap, data = float(g["epistemic_var"].sqrt().mean()), float(t["epistemic_var"].sqrt().mean())
+        return {"rmse": rmse, "nll": nll, "gap_std": gap, "data_std": data,
+                "ratio": gap / data if data > 0 else math.nan}
+
+
+class Diabetes(Regression):
+    """scikit-learn diabetes (442 patients, 10 features), standardised; a 70/30 split per seed."""
+
+    name = "diabetes"
+    batch_size = 32
+    pretrain_epochs = 100
+    columns = [("rmse", "test RMSE"), ("nll", "test NLL"), ("cover90", "90% coverage")]
+
+    def __init__(self, quick: bool = False) -> None:
+        super().__init__(quick)
+        from sklearn.datasets import load_diabetes
+
+        x, y = load_diabetes(return_X_y=True)
+        self.x_all = torch.tensor(x, dtype=torch.float32)
+        self.y_all = torch.tensor(y, dtype=torch.float32).unsqueeze(1)
+        self.split(0)
+        if quick:
+            self.pretrain_epochs, self.steps = 40, 100
+
+    def split(self, seed: int) -> None:
+        perm = torch.randperm(len(self.y_all), generator=torch.Generator().manual_seed(seed))
+        tr, te = perm[:int(0.7 * len(perm))], perm[int(0.7 * len(perm)):]
+        mx, sx = self.x_all[tr].mean(0), self.x_all[tr].std(0)
+        my, sy = self.y_all[tr].mean(), self.y_all[tr].std()
+        self.x_train, self.y_train = (self.x_all[tr] - mx) / sx, (self.y_all[tr] - my) / sy
+        self.x_test, self.y_test = (self.x_all[te] - mx) / sx, (self.y_all[te] - my) / sy
+
+    def pretrain(self, seed: int) -> nn.Module:
+        if seed < 100:  # ensemble members (seed + 100 k) share their seed's split
+            self.split(seed)
+        return super().pretrain(seed)
+
+    def evaluate(self, predict: Predictive) -> dict[str, float]:
+        t = predict(self.x_test)
+        nll, rmse = self._nll_rmse(t, self.y_test)
+        z = (self.y_test.reshape(-1) - t["mean"]).abs() / t["var"].sqrt()
+        return {"rmse": rmse, "nll": nll, "cover90": float((z < 1.645).float().mean())}
+
+
+class MiniLM(Task):
+    """The real all-MiniLM-L6-v2 + a linear head: sports vs cooking sentences; OOD: other topics.
+
+    The point model trains the head on the frozen encoder; the fine-tuned methods make the last
+    block and the head Bayesian (the other blocks frozen, in eval mode). The ensemble is 5
+    heads from different seeds on the same encoder (one pretrained checkpoint exists)."""
+
+    name = "minilm"
+    batch_size = 16
+    steps = 60
+    pred_samples = 10
+    bayesian = ["bert.encoder.layer.5", "head"]
+    columns = [("acc", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("auroc_ood", "AUROC OOD")]
+
+    def __init__(self, quick: bool = False) -> None:
+        super().__init__(quick)
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+        import minilm_text as ex
+
+        self.ex = ex
+        self.bert, tok = ex.load_minilm()
+        data = ex.make_data(0)
+        enc = {k: tok(v[0], padding=True, return_tensors="pt") for k, v in data.items()}
+        self.x_train = {"input_ids": enc["train"]["input_ids"], "attention_mask": enc["train"]["attention_mask"]}
+        self.y_train = data["train"][1]
+        self.x_test = {k: enc["test"][k] for k in ("input_ids", "attention_mask")}
+        self.y_test = data["test"][1]
+        self.x_ood = {k: enc["ood"][k] for k in ("input_ids", "attention_mask")}
+        if quick:
+            self.steps, self.pred_samples = 20, 4
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.y_train)
+
+    def batches(self, seed: int) -> Iterator[tuple[Any, Tensor]]:
+        gen = torch.Generator().manual_seed(1000 + seed)
+        while True:
+            idx = torch.randperm(self.dataset_size, generator=gen)[:self.batch_size]
+            yield {k: v[idx] for k, v in self.x_train.items()}, self.y_train[idx]
+
+    def pretrain(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        net = self.ex.TextClassifier(copy.deepcopy(self.bert), 2)
+        self.ex.train_head(net, self.x_train, self.y_train, 100)
+        return net.eval()
+
+    def convert(self, net: nn.Module, **kwargs: Any) -> bf.BayesianModel:
+        bnn = bf.bayesify(net, include=self.bayesian, **kwargs)
+        for name, p in bnn.named_parameters():
+            p.requires_grad_(any(name.startswith(f"model.{prefix}.") for prefix in self.bayesian))
+        return bnn
+
+    def train_mode(self, bnn: bf.BayesianModel) -> None:
+        bnn.model.bert.embeddings.eval()
+        for block in bnn.model.bert.encoder.layer[:5]:
+            block.eval()
+
+    def evaluate(self, predict: Predictive) -> dict[str, float]:
+        m = bf.metrics
+        t, o = predict(self.x_test), predict(self.x_ood)
+        return {"acc": m.accuracy(t["probs"], self.y_test), "nll": m.nll(t["probs"], self.y_test),
+                "ece": m.ece(t["probs"], self.y_test), "auroc_ood": m.auroc(t["entropy"], o["entropy"])}
+
+
 # -- methods ----------------------------------------------------------------------------------------
 def _classify(sample_logits: Tensor) -> dict[str, Any]:
     """``(S, N, C)`` logits -> predictive probs, entropy, mutual information."""
@@ -285,7 +449,7 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("point", point), ("MC dropout", mc_dropout), ("deep ensemble (5)", ensemble),
     ("MAP fine-tune", map_finetune), ("ELBO + Adam", elbo_adam), ("IVON", ivon),
 ])
-TASKS: dict[str, type[Task]] = {"digits": Digits}
+TASKS: dict[str, type[Task]] = {"digits": Digits, "gap": Gap, "diabetes": Diabetes, "minilm": MiniLM}
 
 
 # -- running and tables -----------------------------------------------------------------------------
