@@ -445,9 +445,19 @@ def ivon(task: Task, net: nn.Module, seed: int) -> Predictive:
     return _bnn_predictive(task, bnn, seed)
 
 
+def ivon_wide_prior(task: Task, net: nn.Module, seed: int) -> Predictive:
+    """IVON with a 10x wider prior around the pretrained weights, ``Normal("pretrained", 0.3)``."""
+    bnn = task.convert(net, prior=bf.priors.Normal("pretrained", 0.3))
+    loss_fn = bf.NLLLoss(task.likelihood, **_nll_kwargs(task))
+    opt = bf.optim.IVON(task.trainable(bnn), model=bnn, ess=task.dataset_size, **task.ivon_kwargs)
+    _finetune_loop(task, bnn, loss_fn, opt, 2, seed)
+    return _bnn_predictive(task, bnn, seed)
+
+
 METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = OrderedDict([
     ("point", point), ("MC dropout", mc_dropout), ("deep ensemble (5)", ensemble),
     ("MAP fine-tune", map_finetune), ("ELBO + Adam", elbo_adam), ("IVON", ivon),
+    ("IVON, prior scale 0.3", ivon_wide_prior),
 ])
 TASKS: dict[str, type[Task]] = {"digits": Digits, "gap": Gap, "diabetes": Diabetes, "minilm": MiniLM}
 
