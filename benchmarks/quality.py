@@ -457,7 +457,7 @@ def ivon_wide_prior(task: Task, net: nn.Module, seed: int) -> Predictive:
 METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = OrderedDict([
     ("point", point), ("MC dropout", mc_dropout), ("deep ensemble (5)", ensemble),
     ("MAP fine-tune", map_finetune), ("ELBO + Adam", elbo_adam), ("IVON", ivon),
-    ("IVON, prior scale 0.3", ivon_wide_prior),
+    ("IVON (prior 0.3)", ivon_wide_prior),
 ])
 TASKS: dict[str, type[Task]] = {"digits": Digits, "gap": Gap, "diabetes": Diabetes, "minilm": MiniLM}
 
