@@ -34,10 +34,9 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 __all__ = ["main", "CLIError", "demo_finetune"]

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from .priors import Flat, Laplace, Normal, Prior, ScaleMixtureNormal, StudentT
 from .sites import Site, iter_sites
-from .variational import MeanFieldNormal, inverse_softplus
+from .variational import MeanFieldNormal
 
 __all__ = ["IVON", "hessian_estimate", "prior_precision"]
 
