@@ -11,7 +11,10 @@ so MC dropout needs no other net) and is evaluated on the same sets:
 - **ELBO + Adam**: ``bf.bayesify(net)`` with the library defaults and the ELBO recipe of
   docs/uncertainty.md (Adam, means lr 1e-3, spreads lr 1e-2, 4 samples per step);
 - **IVON**: ``bf.bayesify(net)`` with the library defaults, ``bf.optim.IVON`` and
-  ``bf.NLLLoss`` (2 samples per step), the same number of steps.
+  ``bf.NLLLoss`` (2 samples per step), the same number of steps;
+- **IVON (prior 0.3)**: the same with ``prior=bf.priors.Normal("pretrained", 0.3)``.
+
+Results and the commands that produced them: docs/uncertainty.md.
 
 Tasks: ``digits`` (scikit-learn digits 0-4 in distribution; shifted: rotated +-25 degrees
 plus pixel noise; OOD: held-out digits 5-9 and uniform noise images), ``gap`` (1-D
