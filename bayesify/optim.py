@@ -284,6 +284,13 @@ class IVON(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # torch casts floating state to each parameter's dtype; IVON's state stays float32.
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, saved in state_dict["state"].items():
+            st = self.state.get(params[int(i)])
+            if st:
+                for k in ("momentum", "hess"):
+                    st[k] = saved[k].detach().to(device=st[k].device, dtype=torch.float32, copy=True)
         self.sync_spreads()
 
     def release(self) -> None:

@@ -214,4 +214,9 @@ def test_param_groups_and_mixed_precision_state():
     fit(bnn, opt, x.bfloat16(), y.bfloat16(), steps=3, samples=2)
     st = opt.state[second.weight]
     assert st["hess"].dtype == st["momentum"].dtype == torch.float32
+    twin = bf.optim.IVON([{"params": [first.weight, first.bias], "lr": 0.05},
+                          {"params": [second.weight, second.bias]}], model=bnn, ess=len(x))
+    twin.load_state_dict(opt.state_dict())  # torch would cast the state to bfloat16
+    assert twin.state[second.weight]["hess"].dtype == torch.float32
+    torch.testing.assert_close(twin.state[second.weight]["hess"], st["hess"], rtol=0, atol=0)
     assert second.weight.dtype == torch.bfloat16 and torch.isfinite(second.weight).all()
