@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from . import metrics, nn, priors, variational
+from . import metrics, nn, optim, priors, variational
 from .convert import BayesianModel, bayesify
 from .io import load, save
-from .loss import ELBOLoss
+from .loss import ELBOLoss, NLLLoss
 from .module import VIModule
 from .plan import Plan, plan
 from .predict import Prediction, predict
@@ -13,4 +13,4 @@ from .train import History, fit
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesianModel", "ELBOLoss", "History", "fit", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "priors", "variational", "__version__"]
+__all__ = ["BayesianModel", "ELBOLoss", "NLLLoss", "History", "fit", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "optim", "priors", "variational", "__version__"]

@@ -37,10 +37,9 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 __all__ = ["main", "CLIError", "demo_finetune"]
@@ -566,142 +565,21 @@ def _check_output(out: str, force: bool, source: str) -> None:
 
 
 # -- demo ---------------------------------------------------------------------------------------------
-IN_CLASSES = 8  # digits 0-7 are in-distribution; 8 and 9 are held out as out-of-distribution inputs
-
-
-def _digits(seed: int) -> dict[str, Any]:
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError:
-        raise CLIError("bayesify demo needs scikit-learn: pip install 'bayesify[demo]'") from None
-    import torch
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
-    keep = y < IN_CLASSES
-    x_in, y_in = x[keep], y[keep]
-    i_train, i_test = train_test_split(range(len(y_in)), test_size=0.4, stratify=y_in.numpy(), random_state=seed)
-    gen = torch.Generator().manual_seed(seed)
-    return {"x_train": x_in[i_train], "y_train": y_in[i_train], "x_test": x_in[i_test], "y_test": y_in[i_test],
-            "x_heldout": x[~keep], "x_noise": torch.rand((300, 1, 8, 8), generator=gen)}
-
-
-def _cnn() -> Any:
-    from torch import nn
-
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
-                         nn.Linear(64, IN_CLASSES))
-
-
-def _epochs(n_epochs: int, n: int, batch: int, seed: int, advance: Callable[[], None]) -> Iterator[Any]:
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(n_epochs):
-        perm = torch.randperm(n, generator=gen)
-        for s in range(0, n, batch):
-            yield perm[s:s + batch]
-            advance()
-
-
-def demo_finetune(point: Any, x: Any, y: Any, epochs: int, samples: int, seed: int,
-                  advance: Callable[[], None] = lambda: None) -> Any:
-    """The demo's recipe: ``bf.bayesify(point)`` and an ELBO fine-tune (one place to change it).
-
-    Deliberately not the docs/uncertainty.md recipe (pretrained-centred prior, separate
-    learning rates): that recipe was tuned on examples/digits.py's dropout-pretrained net;
-    on this small MLP it gave NLL 0.042 against the point model's 0.044 (seed 0), where
-    this setting gave 0.031 (0.039 with the block-seeded noise draws of bayesify/_normal.py:
-    one seed, so expect that much spread), and its AUROC gains vanished.
-    """
-    import torch
-
-    import bayesify as bf
-
-    # Posterior stds start at 10% of each |w| (MOPED-style), wide enough for the ELBO to shape
-    # them in a few epochs; a standard-normal prior keeps the KL term mild.
-    bnn = bf.bayesify(point, prior=bf.priors.Normal(loc=0.0, scale=1.0),
-                      variational=bf.variational.MeanFieldNormal(init_std=0.1, relative=True, min_std=1e-3))
-    loss_fn = bf.ELBOLoss("categorical", dataset_size=len(y))
-    opt = torch.optim.Adam(bnn.parameters(), lr=3e-3)
-    bnn.train()
-    for idx in _epochs(epochs, len(y), 64, seed, advance):
-        loss = loss_fn(bnn(x[idx], samples=samples), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return bnn.eval()
-
-
-def _metrics(probs: Any, labels: Any, h_in: Any, h_held: Any, h_noise: Any) -> dict[str, float]:
-    from . import metrics as m
-
-    return {"accuracy": m.accuracy(probs, labels), "NLL": m.nll(probs, labels), "ECE": m.ece(probs, labels),
-            "Brier": m.brier(probs, labels), "AUROC held-out 8/9": m.auroc(h_in, h_held),
-            "AUROC noise": m.auroc(h_in, h_noise)}
-
-
 def _demo(args: argparse.Namespace, io: _IO) -> None:
-    import torch
-    import torch.nn.functional as F
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from .demo import DemoError, run_demo
 
-    import bayesify as bf
+    try:
+        run_demo(fast=args.fast, seed=args.seed, out=io.out, err=io.err)
+    except DemoError as exc:
+        raise CLIError(str(exc)) from None
 
-    start = time.perf_counter()
-    torch.set_num_threads(1)  # a tiny network: more threads only add contention
-    torch.manual_seed(args.seed)
-    data = _digits(args.seed)
-    pre_epochs, fine_epochs, samples, eval_samples = (2, 1, 2, 4) if args.fast else (30, 15, 4, 100)
-    x, y = data["x_train"], data["y_train"]
-    point = _cnn()
-    steps = -(-len(y) // 64)  # batches per epoch
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=io.err, disable=not io.err.is_terminal) as bar:
-        task = bar.add_task("pretrain (point)", total=pre_epochs * steps)
-        opt = torch.optim.Adam(point.parameters(), lr=3e-3)
-        point.train()
-        for idx in _epochs(pre_epochs, len(y), 64, args.seed, lambda: bar.advance(task)):
-            loss = F.cross_entropy(point(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        point.eval()
-        with torch.no_grad():
-            probs = {k: torch.softmax(point(data[k]), -1) for k in ("x_test", "x_heldout", "x_noise")}
-        ent = {k: torch.special.entr(p).sum(-1) for k, p in probs.items()}
-        before = _metrics(probs["x_test"], data["y_test"], ent["x_test"], ent["x_heldout"], ent["x_noise"])
-        task = bar.add_task("ELBO fine-tune (bayesify)", total=fine_epochs * steps)
-        bnn = demo_finetune(point, x, y, fine_epochs, samples, args.seed, lambda: bar.advance(task))
-    gen = torch.Generator().manual_seed(args.seed)
-    preds = {k: bf.predict(bnn, data[k], samples=eval_samples, likelihood="categorical",
-                           generator=gen) for k in ("x_test", "x_heldout", "x_noise")}
-    h = {k: p.entropy for k, p in preds.items()}
-    mi = {k: p.mutual_information for k, p in preds.items()}
-    after = _metrics(preds["x_test"].probs, data["y_test"], h["x_test"], h["x_heldout"], h["x_noise"])
-    after_mi = _metrics(preds["x_test"].probs, data["y_test"], mi["x_test"], mi["x_heldout"], mi["x_noise"])
 
-    table = Table(title=f"scikit-learn digits: classes 0-{IN_CLASSES - 1} in-distribution, "
-                        f"{len(y)} train / {len(data['y_test'])} test images",
-                  caption=f"OOD: held-out digits 8/9 ({len(data['x_heldout'])}) and uniform noise "
-                          f"({len(data['x_noise'])}); OOD score: predictive entropy (mutual information in "
-                          f"brackets); {eval_samples} posterior samples")
-    table.add_column("metric")
-    table.add_column("pretrained (point)", justify="right")
-    table.add_column("bayesify + ELBO fine-tune", justify="right")
-    better = {"accuracy": max, "NLL": min, "ECE": min, "Brier": min}
-    for key in before:
-        b, a = before[key], after[key]
-        arrow = "↑" if better.get(key, max) is max else "↓"
-        cell = f"{a:.3f}" + (f" ({after_mi[key]:.3f})" if key.startswith("AUROC") else "")
-        table.add_row(f"{key} {arrow}", f"{b:.3f}", cell)
-    io.out.print(table)
-    io.out.print(f"pretrain {pre_epochs} epochs, fine-tune {fine_epochs} epochs x {samples} samples; "
-                 f"total {time.perf_counter() - start:.1f} s", soft_wrap=True)
+def __getattr__(name: str) -> Any:
+    if name == "demo_finetune":  # moved to bayesify.demo
+        from .demo import demo_finetune
+
+        return demo_finetune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Run (the bench extra installs the other libraries)::
     python benchmarks/bench.py                       # all workloads, ~30 min on 2 cores
     python benchmarks/bench.py --quick               # tiny shapes, 1 repeat: a smoke run
     python benchmarks/bench.py --workloads mlp --json out.json
+    python benchmarks/bench.py --optimizer-step      # IVON step vs the point model's Adam step
 """
 
 from __future__ import annotations
@@ -547,6 +548,71 @@ def _load() -> str:
         return "?"
 
 
+# --- optimiser step: IVON against Adam (1 sample, the same batch) -------------------------------
+
+
+def bench_optimizer_step(w: Workload, repeats: int, quick: bool) -> dict[str, float]:
+    """Median seconds of one training step, interleaved round-robin: the point model with Adam,
+    the converted model with ``bf.optim.IVON`` + ``bf.NLLLoss`` (1 sample), and the converted
+    model with Adam on the ELBO (1 sample). Also the optimiser state's size in weight-sized
+    tensors (Adam keeps 2)."""
+    import bayesify as bf
+
+    args, y = w.inputs(w.quick_batch if quick else w.batch, quick)
+    point = w.build()
+    bnn = bf.bayesify(point)
+    ivon_bnn = copy.deepcopy(bnn)
+    n_weights = sum(s.mean.numel() for s in bnn.bayesian_sites())
+    adam = torch.optim.Adam(point.parameters(), lr=1e-5)
+    ivon = bf.optim.IVON(ivon_bnn, lr=1e-5, ess=DATASET_SIZE)
+    elbo_opt = torch.optim.Adam(bnn.parameters(), lr=1e-5)
+    nll, elbo = bf.NLLLoss("categorical"), bf.ELBOLoss("categorical", dataset_size=DATASET_SIZE)
+
+    def point_step() -> None:
+        loss = F.cross_entropy(point(*args), y)
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        adam.step()
+
+    def ivon_step() -> None:
+        loss = nll(ivon_bnn(*args, samples=1), y)
+        ivon.zero_grad(set_to_none=True)
+        loss.backward()
+        ivon.step()
+
+    def elbo_step() -> None:
+        loss = elbo(bnn(*args, samples=1), y)
+        elbo_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        elbo_opt.step()
+
+    steps = {"point + Adam": point_step, "bayesify + IVON": ivon_step, "bayesify + ELBO/Adam": elbo_step}
+    for m in (point, bnn, ivon_bnn):
+        m.train()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(repeats + 1):  # the first round warms up
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - t)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    state = sum(t.numel() for st in ivon.state.values() for t in st.values() if isinstance(t, torch.Tensor))
+    out["ivon_state_per_weight"] = state / n_weights
+    return out
+
+
+def optimizer_table(w: Workload, res: dict[str, float]) -> str:
+    ref = res["point + Adam"]
+    lines = [f"### {w.title}: one training step, 1 sample", "", "| step | median ms | ratio to point + Adam |",
+             "|---|---|---|"]
+    for k in ("point + Adam", "bayesify + IVON", "bayesify + ELBO/Adam"):
+        lines.append(f"| {k} | {res[k] * 1e3:.1f} | {res[k] / ref:.2f}x |")
+    lines.append(f"\nIVON optimiser state: {res['ivon_state_per_weight']:.2f} tensors per Bayesian weight "
+                 "(momentum, Hessian; Adam: 2)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="mlp,resnet18,minilm", help="comma-separated: mlp, resnet18, minilm")
@@ -559,6 +625,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--contenders", help="comma-separated contender names to run (the point model always runs: "
                     "it is the reference); default: all")
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    ap.add_argument("--optimizer-step", action="store_true",
+                    help="only the IVON-step-vs-Adam-step rows (1 sample, same batch) for --workloads")
     ap.add_argument("--_memory", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -578,6 +646,12 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{', '.join(repr(c.name) for c in CONTENDERS)}")
         chosen.add(CONTENDERS[0].name)
     repeats = 1 if opts.quick else opts.repeats
+    if opts.optimizer_step:
+        out = {}
+        for n in names:
+            out[n] = bench_optimizer_step(WORKLOADS[n], max(repeats, 3), opts.quick)
+            print("\n" + optimizer_table(WORKLOADS[n], out[n]) + "\n", flush=True)
+        return out
     env = {"torch": torch.__version__, "threads": opts.threads, "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "samples": SAMPLES, "repeats": repeats,
            "quick": opts.quick, "load_start": _load()}
