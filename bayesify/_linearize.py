@@ -1,0 +1,92 @@
+"""A Bayesian model as a function of its posterior means, for torch.func.
+
+The curvature pass (``laplace.py``) differentiates the network at its means per example, and
+the linearised predictive (``predict(..., linearized=True)``) pushes weight perturbations
+through it with forward-mode AD. Both need ``f(params, inputs)``: the model's own forward
+with the site means replaced by ``params`` (``torch.func.functional_call``), every Bayesian
+layer computing with the values it is given instead of sampling (:func:`at_means`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .loss import first_tensor
+from .module import VIModule
+from .sites import Site, iter_sites
+
+__all__ = ["at_means", "mean_output", "site_means", "linearized_outputs", "perturbations"]
+
+_ABSENT = object()
+
+
+@contextmanager
+def at_means(root: nn.Module) -> Iterator[None]:
+    """Within: calling ``root`` (or any VIModule in it) without ``samples=`` runs its forward
+    with the parameters as they are (the means, or what ``functional_call`` substitutes)."""
+    mods = [m for m in root.modules() if isinstance(m, VIModule)]
+    saved = [(m, m.__dict__.get("_means_outside_sampling", _ABSENT)) for m in mods]
+    for m in mods:
+        m._means_outside_sampling = True
+    try:
+        yield
+    finally:
+        for m, old in saved:
+            if old is _ABSENT:
+                m.__dict__.pop("_means_outside_sampling", None)
+            else:
+                m._means_outside_sampling = old
+
+
+def site_means(root: nn.Module, sites: list[Site] | None = None) -> dict[str, Tensor]:
+    """``{qualname: mean}`` (detached) for ``sites`` (default: every site of ``root``)."""
+    return {s.qualname: s.mean.detach() for s in (iter_sites(root) if sites is None else sites)}
+
+
+def mean_output(root: nn.Module, params: dict[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
+    """The prediction tensor (``.logits`` or the first tensor) of ``root`` with ``params``
+    substituted for its site means; call inside :func:`at_means`."""
+    return first_tensor(torch.func.functional_call(root, params, args, kwargs, strict=False))
+
+
+def perturbations(sites: list[Site], n: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+    """``w_s - mean`` ``(n, *shape)`` for every site: ``std * eps`` where the family has an
+    elementwise std, else a draw of the family minus the mean."""
+    out = {}
+    for s in sites:
+        q, mean, vp = s.spec.variational, s.mean.detach(), {k: v.detach() for k, v in s.vparams().items()}
+        try:
+            std = q.std(mean, vp)
+        except ValueError:
+            out[s.qualname] = q.sample(mean, vp, n, generator)[0].detach() - mean
+            continue
+        eps = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device)
+        out[s.qualname] = std * eps
+    return out
+
+
+def linearized_outputs(root: nn.Module, args: tuple, kwargs: dict, means: dict[str, Tensor],
+                       tangents: dict[str, Tensor], chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(f(x, mean), J(x) @ tangent_s)`` for every ``s``: one forward-mode pass (``torch.func.jvp``)
+    vectorised over the ``S`` tangents with ``torch.vmap``; the primal is not batched, so the
+    network at the means runs once."""
+    def f(p: dict[str, Tensor]) -> Tensor:
+        return mean_output(root, p, args, kwargs)
+
+    def one(t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return torch.func.jvp(f, (means,), (t,))
+
+    with at_means(root):
+        primal, jt = torch.vmap(one, out_dims=(None, 0), chunk_size=chunk_size)(tangents)
+    return primal, jt
+
+
+def call_leaves(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
+    """Flatten a model call into pytree leaves (and the spec to rebuild it)."""
+    from torch.utils._pytree import tree_flatten
+
+    return tree_flatten((args, kwargs))
