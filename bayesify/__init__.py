@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from . import metrics, nn, priors, variational
 from .convert import BayesianModel, bayesify
+from .calibrate import Calibration, calibrate
 from .io import load, save
+from .laplace import LaplaceResult, laplace
 from .loss import ELBOLoss
 from .module import VIModule
 from .plan import Plan, plan
@@ -12,4 +14,4 @@ from .predict import Prediction, predict
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesianModel", "ELBOLoss", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "priors", "variational", "__version__"]
+__all__ = ["BayesianModel", "Calibration", "ELBOLoss", "LaplaceResult", "calibrate", "laplace", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "priors", "variational", "__version__"]

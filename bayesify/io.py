@@ -114,6 +114,8 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
         "saved_from_device": device,
         "versions": _versions(),
     }
+    if getattr(bnn, "predictive", None):  # bf.laplace / bf.calibrate: what bf.predict uses by default
+        header["predictive"] = bnn.predictive
     _atomic_write(os.fspath(path), tensors, {"format": "pt", _META_KEY: json.dumps(header, sort_keys=True)})
 
 
@@ -164,6 +166,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
         raise ValueError(f"{path}: the recorded architecture ({_describe(recipe)}) does not match the saved "
                          f"tensors: {_mismatch(exc)}; pass arch= to load() to rebuild it differently") from None
     _check_ties(model, header["aliases"], path)
+    if isinstance(header.get("predictive"), dict):
+        model.predictive = header["predictive"]
     return model.to(device)
 
 

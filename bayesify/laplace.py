@@ -434,6 +434,9 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                            log_evidence=log_ev, seconds=0.0, noise_std=sigma, curvature=curvature,
                            structure=struct_of)
     apply(bnn, result)
+    # The predictive under which a Laplace posterior is meant to be used (bf.predict's default now).
+    # New spreads: an earlier calibration no longer applies.
+    bnn.predictive = {"linearized": True}
     result.seconds = time.perf_counter() - t0
     return result
 

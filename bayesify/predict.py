@@ -282,9 +282,9 @@ def predict(
         linearized: the linearised predictive ``f(x, mean) + J(x) (w_s - mean)`` (forward-mode AD,
             vectorised over the samples) instead of running the network on each weight sample;
             the predictive for Laplace posterior spreads (``bf.laplace``). Default: what
-            ``bf.calibrate`` recorded in the model, else False.
+            ``bf.laplace`` / ``bf.calibrate`` recorded in ``model.predictive``, else False.
 
-    A softmax temperature chosen by ``bf.calibrate`` (``model.calibration``) divides the logits.
+    A softmax temperature chosen by ``bf.calibrate`` (``model.predictive``) divides the logits.
 
     The model runs in eval mode under ``torch.no_grad``; its train/eval modes are restored.
     """
@@ -299,12 +299,12 @@ def predict(
     check_optional_positive_int("chunk_size", chunk_size)
     noise_var = _noise_variance(noise_std, kind)
     calls, total = _batches(x, batch_size, _model_device(model))
-    calibration = getattr(model, "calibration", None) or {}
+    settings = getattr(model, "predictive", None) or {}
     if linearized is None:
-        linearized = bool(calibration.get("linearized", False))
+        linearized = bool(settings.get("linearized", False))
     elif not isinstance(linearized, bool):
         raise TypeError(f"linearized must be True, False or None, got {linearized!r}")
-    temperature = float(calibration.get("softmax_temperature", 1.0)) if kind == "categorical" else 1.0
+    temperature = float(settings.get("softmax_temperature", 1.0)) if kind == "categorical" else 1.0
 
     gen = generator if generator is not None else _default_generator(model)
     start = gen.get_state() if gen is not None else None
