@@ -19,21 +19,31 @@ from .loss import first_tensor
 from .module import VIModule
 from .sites import Site, iter_sites
 
-__all__ = ["at_means", "mean_output", "site_means", "linearized_outputs", "perturbations"]
+__all__ = ["math_attention", "at_means", "mean_output", "site_means", "linearized_outputs", "perturbations"]
 
 _ABSENT = object()
+
+
+def math_attention() -> Any:
+    """``scaled_dot_product_attention`` on its composite (math) kernel: the fused CPU kernels have
+    no forward-mode derivative and no batching rule for their backward, which the transforms here need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @contextmanager
 def at_means(root: nn.Module) -> Iterator[None]:
     """Within: calling ``root`` (or any VIModule in it) without ``samples=`` runs its forward
-    with the parameters as they are (the means, or what ``functional_call`` substitutes)."""
+    with the parameters as they are (the means, or what ``functional_call`` substitutes);
+    attention runs on the math kernel (:func:`math_attention`)."""
     mods = [m for m in root.modules() if isinstance(m, VIModule)]
     saved = [(m, m.__dict__.get("_means_outside_sampling", _ABSENT)) for m in mods]
     for m in mods:
         m._means_outside_sampling = True
     try:
-        yield
+        with math_attention():
+            yield
     finally:
         for m, old in saved:
             if old is _ABSENT:
