@@ -63,12 +63,20 @@ def mean_output(root: nn.Module, params: dict[str, Tensor], args: tuple, kwargs:
     return first_tensor(torch.func.functional_call(root, params, args, kwargs, strict=False))
 
 
-def perturbations(sites: list[Site], n: int, generator: torch.Generator | None) -> dict[str, Tensor]:
-    """``w_s - mean`` ``(n, *shape)`` for every site: ``std * eps`` where the family has an
-    elementwise std, else a draw of the family minus the mean."""
+def perturbations(sites: list[Site], n: int, generator: torch.Generator | None,
+                  factors: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """``w_s - mean`` ``(n, *shape)`` for every site: ``U z`` where ``factors`` holds a covariance
+    factor ``U`` ``(P, P)`` of the site (a "full" Laplace site: correlated draws), else ``std * eps``
+    where the family has an elementwise std, else a draw of the family minus the mean."""
     out = {}
+    factors = factors or {}
     for s in sites:
         q, mean, vp = s.spec.variational, s.mean.detach(), {k: v.detach() for k, v in s.vparams().items()}
+        u = factors.get(s.qualname)
+        if u is not None:
+            z = torch.randn((n, u.shape[1]), generator=generator, dtype=u.dtype, device=u.device)
+            out[s.qualname] = (z @ u.T).to(mean.dtype).reshape(n, *mean.shape)
+            continue
         try:
             std = q.std(mean, vp)
         except ValueError:

@@ -228,8 +228,12 @@ def calibrate(
                             chosen[g] = float(grid_c[i_c])
                     table[g] = tab
             if posterior:
+                factors = getattr(bnn, "posterior_factors", None) or {}
                 for g, group_sites in by_group.items():
                     _scale_spreads(group_sites, chosen[g])
+                    for s in group_sites:
+                        if s.qualname in factors:
+                            factors[s.qualname] = factors[s.qualname] * chosen[g]
     finally:
         for m, mode in modes:
             m.training = mode
@@ -259,7 +263,8 @@ class _Linear:
     def __init__(self, bnn: VIModule, data: list, by_group: dict[str, list[Site]], samples: int,
                  gen: torch.Generator) -> None:
         self.cache = []
-        tangents = {g: perturbations(ss, samples, gen) for g, ss in by_group.items()}
+        factors = getattr(bnn, "posterior_factors", None)
+        tangents = {g: perturbations(ss, samples, gen, factors) for g, ss in by_group.items()}
         for args, kwargs, y in data:
             primal, jts = None, {}
             for g, ss in by_group.items():

@@ -478,6 +478,16 @@ def apply(bnn: VIModule, result: LaplaceResult, prior_precision: dict[str, float
     if prior_precision is not None:
         result.prior_precision = ({q: float(prior_precision) for q in result.prior_precision}
                                   if isinstance(prior_precision, (int, float)) else dict(prior_precision))
+    # "full" sites: the covariance factor U (Sigma = U U^T) that the linearised predictive draws
+    # from; kept in the model (bf.save / bf.load keep it).
+    factors = {}
+    for q, kind in result.structure.items():
+        if kind == "full":
+            evals, evecs, _ = result.curvature[q]
+            u = evecs / (evals.clamp_min(0) + result.prior_precision[q]).sqrt()
+            site_mean = dict((s.qualname, s.mean) for s in iter_sites(bnn))[q]
+            factors[q] = u.to(device=site_mean.device, dtype=site_mean.dtype)
+    bnn.posterior_factors = factors
     for s in iter_sites(bnn):
         rho = getattr(s.module, f"{s.name}_rho")
         if s.qualname in result.curvature:

@@ -319,7 +319,8 @@ def predict(
                 from ._linearize import perturbations, site_means
 
                 sites = list(iter_sites(model))
-                means, tangents = site_means(model, sites), perturbations(sites, n, gen)
+                means = site_means(model, sites)
+                tangents = perturbations(sites, n, gen, getattr(model, "posterior_factors", None))
                 after_one = gen.get_state() if gen is not None else None
             for args, kwargs in calls:
                 if linearized:
