@@ -136,7 +136,7 @@ def calibrate(
     samples: int = 32,
     linearized: bool | None = None,
     posterior: bool = True,
-    softmax: bool = True,
+    softmax: bool = False,
     groups: dict[str, Any] | None = None,
     scales: Any = DEFAULT_SCALES,
     temperatures: Any = DEFAULT_TEMPERATURES,
@@ -188,22 +188,11 @@ def calibrate(
                                  f"{s.spec.variational!r}; pass posterior=False to calibrate the softmax only")
     by_group = _groups(bnn, sites, groups)
     gen = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-    batches, _ = _iterate(val_data)
-    device = sites[0].mean.device
-
     modes = [(m, m.training) for m in bnn.modules()]
     bnn.eval()
     try:
         with torch.no_grad():
-            data = []
-            for i, batch in enumerate(batches):
-                args, kwargs, y = _split(batch, f"val batch {i}")
-                if y is None:
-                    raise ValueError(f"val batch {i} has no labels; calibrate needs (x, y) batches or a 'labels' entry")
-                data.append((tuple(_to(a, device) for a in args), {k: _to(v, device) for k, v in kwargs.items()},
-                             _to(y, device)))
-            if not data:
-                raise ValueError("val_data yielded no batches")
+            data = _load(bnn, val_data)
             evaluate = (_Linear(bnn, data, by_group, samples, gen) if lin
                         else _Sampled(bnn, data, by_group, samples, gen))
             nll_of = (lambda out, y: _nll_categorical(out, y, grid_t)) if kind == "categorical" else (
@@ -246,6 +235,51 @@ def calibrate(
     bnn.predictive = record
     return Calibration(posterior_scale=chosen, softmax_temperature=best_t, nll=best / n, nll_before=nll_before / n,
                        linearized=lin, n_examples=n, grid={"scales": grid_c, "temperatures": grid_t, "nll": table})
+
+
+def select_prior_precision(bnn: VIModule, result: Any, val_data: Any, candidates: Any,
+                           generator: torch.Generator | None, samples: int = 16) -> float:
+    """Set the spreads of ``result`` (a ``LaplaceResult``) for the candidate prior precision with the
+    lowest NLL of the linearised predictive on ``val_data`` (the same draws for every candidate)."""
+    from .laplace import apply
+
+    kind = result.likelihood
+    noise_var = (result.noise_std or 1.0) ** 2
+    data = _load(bnn, val_data)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    scores = []
+    modes = [(m, m.training) for m in bnn.modules()]
+    bnn.eval()
+    try:
+        with torch.no_grad():
+            for d in candidates:
+                apply(bnn, result, float(d))
+                sites = list(iter_sites(bnn))
+                ev = _Linear(bnn, data, {"all": sites}, samples, torch.Generator().manual_seed(seed))
+                nll = ev.nll({"all": 1.0}, None, None, (lambda o, y: _nll_categorical(o, y, torch.ones(1)))
+                             if kind == "categorical" else (lambda o, y: _nll_normal(o, y, noise_var)))
+                scores.append(float(nll.min()))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    best = float(candidates[min(range(len(scores)), key=scores.__getitem__)])
+    apply(bnn, result, best)
+    return best
+
+
+def _load(bnn: VIModule, val_data: Any) -> list:
+    device = next(iter(iter_sites(bnn))).mean.device
+    batches, _ = _iterate(val_data)
+    data = []
+    for i, batch in enumerate(batches):
+        args, kwargs, y = _split(batch, f"val batch {i}")
+        if y is None:
+            raise ValueError(f"val batch {i} has no labels; expected (x, y) batches or a 'labels' entry")
+        data.append((tuple(_to(a, device) for a in args), {k: _to(v, device) for k, v in kwargs.items()},
+                     _to(y, device)))
+    if not data:
+        raise ValueError("val_data yielded no batches")
+    return data
 
 
 @torch.no_grad()

@@ -69,6 +69,8 @@ STRUCTURES = {"diag": "diag", "diagonal": "diag", "full": "full"}
 MAX_FULL = 8192
 #: Spread of the sites outside ``include`` (a point mass in all but name).
 NO_SPREAD = 1e-12
+#: Candidates of ``prior_precision="val"``.
+VAL_PRECISIONS = tuple(float(v) for v in torch.logspace(-2, 6, 17, dtype=torch.float64))
 #: Memory for one vmapped chunk of per-example Jacobians (elements).
 _CHUNK_ELEMENTS = 2 ** 26
 _TARGET_KEYS = ("labels", "label")
@@ -256,6 +258,7 @@ def laplace(
     curvature: str = "ggn",
     prior_precision: float | str = "marglik",
     prior_structure: str = "site",
+    val_data: Any = None,
     noise_std: float | None = None,
     dataset_size: int | None = None,
     chunk_size: int | None = None,
@@ -278,8 +281,11 @@ def laplace(
             at most ``MAX_FULL`` elements) and sets the exact marginal variances of the full posterior.
         curvature: ``"ggn"`` (exact GGN diagonal; categorical: C gradients per example) or ``"mc"``
             (Monte Carlo Fisher, one sampled label per example: one gradient per example).
-        prior_precision: ``"marglik"`` (Laplace marginal likelihood) or a positive number.
+        prior_precision: ``"marglik"`` (Laplace marginal likelihood), ``"val"`` (one precision for all
+            sites, the candidate of ``VAL_PRECISIONS`` with the lowest NLL of the linearised
+            predictive on ``val_data``) or a positive number.
         prior_structure: ``"site"`` (one precision per site) or ``"scalar"`` (one for all), for marglik.
+        val_data: held-out ``(x, y)`` batches for ``prior_precision="val"``.
         noise_std: observation noise for ``likelihood="normal"`` (default: from the residuals, which
             needs targets in the batches).
         dataset_size: scale the curvature to this many examples (default: the examples seen).
@@ -296,11 +302,13 @@ def laplace(
         raise ValueError("curvature='mc' applies to likelihood='categorical'; the normal GGN is exact and as cheap")
     pstruct = lookup("prior_structure", prior_structure, {"site": "site", "scalar": "scalar", "layer": "site"})
     if isinstance(prior_precision, str):
-        if prior_precision != "marglik":
-            raise ValueError(f"prior_precision must be 'marglik' or a positive number, got {prior_precision!r}")
+        if prior_precision not in ("marglik", "val"):
+            raise ValueError(f"prior_precision must be 'marglik', 'val' or a positive number, got {prior_precision!r}")
+        if prior_precision == "val" and val_data is None:
+            raise ValueError("prior_precision='val' needs val_data= (held-out batches with labels)")
     elif isinstance(prior_precision, bool) or not isinstance(prior_precision, (int, float)) or not (
             prior_precision > 0 and math.isfinite(prior_precision)):
-        raise ValueError(f"prior_precision must be 'marglik' or a positive number, got {prior_precision!r}")
+        raise ValueError(f"prior_precision must be 'marglik', 'val' or a positive number, got {prior_precision!r}")
     if noise_std is not None and (isinstance(noise_std, bool) or not isinstance(noise_std, (int, float))
                                   or not noise_std > 0):
         raise ValueError(f"noise_std must be a positive number or None, got {noise_std!r}")
@@ -329,8 +337,14 @@ def laplace(
     modes = [(m, m.training) for m in bnn.modules()]
     bnn.eval()
     try:
-        return _run(bnn, batches, total, kind, curv, include, structure, prior_precision, pstruct, noise_std,
-                    dataset_size, chunk_size, generator, progress, all_sites, device, t0)
+        result = _run(bnn, batches, total, kind, curv, include, structure, prior_precision, pstruct, noise_std,
+                      dataset_size, chunk_size, generator, progress, all_sites, device, t0)
+        if prior_precision == "val":
+            from .calibrate import select_prior_precision
+
+            select_prior_precision(bnn, result, val_data, VAL_PRECISIONS, generator)
+            result.seconds = time.perf_counter() - t0
+        return result
     finally:
         for m, mode in modes:
             m.training = mode
@@ -427,6 +441,8 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
             precision = {q: d for q in evals}
         else:
             precision = {q: _precision_root([e], sqn[q], e.numel()) for q, e in evals.items()}
+    elif prior_precision == "val":
+        precision = {q: 1.0 for q in evals}  # chosen after the pass (select_prior_precision)
     else:
         precision = {q: float(prior_precision) for q in evals}
     log_ev = sum(_log_evidence_terms(evals[q], sqn[q], precision[q]) for q in evals)
