@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from . import metrics, nn, priors, variational
+from . import metrics, nn, optim, priors, variational
 from .convert import BayesianModel, bayesify
 from .calibrate import Calibration, calibrate
 from .io import load, save
 from .laplace import LaplaceResult, laplace
-from .loss import ELBOLoss
+from .loss import ELBOLoss, NLLLoss
 from .module import VIModule
 from .plan import Plan, plan
 from .predict import Prediction, predict
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesianModel", "Calibration", "ELBOLoss", "LaplaceResult", "calibrate", "laplace", "Plan", "VIModule", "bayesify", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "priors", "variational", "__version__"]
+__all__ = ["BayesianModel", "Calibration", "ELBOLoss", "LaplaceResult", "NLLLoss", "Plan", "VIModule", "bayesify",
+           "calibrate", "laplace", "plan", "predict", "Prediction", "save", "load", "metrics", "nn", "optim", "priors",
+           "variational", "__version__"]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ._choices import lookup
 from .module import vi_attributes
 
-__all__ = ["ELBOLoss", "LIKELIHOODS", "first_tensor"]
+__all__ = ["ELBOLoss", "NLLLoss", "LIKELIHOODS", "first_tensor"]
 
 LIKELIHOODS = {"categorical": "categorical", "normal": "normal", "gaussian": "normal"}
 KL_MODES = {"mc": "mc", "analytic": "analytic"}
@@ -119,4 +119,27 @@ class ELBOLoss(nn.Module):
 
     def forward(self, out: Any, target: Tensor) -> Tensor:
         pred = first_tensor(out)
+        if self.kl_weight:
+            _refuse_kl_if_optimiser_has_prior(pred)
         return self.nll(pred, target) + self.kl_weight * self.kl_term(pred) / self.dataset_size
+
+
+def _refuse_kl_if_optimiser_has_prior(pred: Tensor) -> None:
+    """A model trained by ``bf.optim.IVON`` gets its prior from the optimiser: a KL term would count it twice."""
+    info = vi_attributes(pred)
+    owner = getattr(getattr(info[2], "__self__", None), "_prior_in_optimizer", None) if info else None
+    if owner:
+        raise ValueError(f"this model is trained by {owner}, which applies the prior itself: use a loss without "
+                         "the KL term, bf.NLLLoss(likelihood) or ELBOLoss(..., kl_weight=0)")
+
+
+class NLLLoss(ELBOLoss):
+    """Expected negative log likelihood per data point over the samples, no KL term: the loss for
+    :class:`bayesify.optim.IVON`, which applies the prior itself. ``bf.NLLLoss("categorical")``."""
+
+    def __init__(self, likelihood: str | Callable[[Tensor, Tensor], Tensor] = "categorical",
+                 noise_std: float | str = 1.0) -> None:
+        super().__init__(likelihood, dataset_size=1, kl_weight=0.0, noise_std=noise_std)
+
+    def forward(self, out: Any, target: Tensor) -> Tensor:
+        return self.nll(first_tensor(out), target)

@@ -1,0 +1,320 @@
+"""Natural-gradient variational training: :class:`IVON` (Shen et al., ICML 2024, Algorithm 1).
+
+IVON keeps, per Bayesian weight, a momentum ``g`` and a Hessian estimate ``h`` and sets
+the Gaussian posterior ``q = N(m, sigma^2)`` by
+
+    g     <- beta1 g + (1 - beta1) g_hat
+    h     <- beta2 h + (1 - beta2) h_hat + (1 - beta2)^2 (h - h_hat)^2 / (2 (h + delta))   (*)
+    m     <- m - lr (g / (1 - beta1^t) + delta (m - m0)) / (h + delta)
+    sigma  = 1 / sqrt(ess (h + delta))
+
+where ``g_hat`` is the gradient of the *mean* loss (no KL: the prior enters through
+``delta``) at weights sampled from ``q`` and ``h_hat = g_hat * (w - m) / sigma^2`` the
+reparameterisation estimate of the Hessian diagonal. The posterior mean is each site's
+weight; ``sigma`` is written into the site's ``rho`` (``softplus(rho) = sigma``) after
+every step, so ``bf.predict``, ``bf.save`` / ``bf.load`` and the CLI see what the
+optimiser holds.
+
+How ``h_hat`` is obtained without storing the noise: the sampler draws
+``w_s = m + softplus(rho) * eps_s`` and the loss averages over the ``S`` samples, so the
+gradient reaching ``rho`` is ``(1/S) sum_s g_s eps_s * sigmoid(rho)``; dividing by
+``sigmoid(rho) * sigma`` gives ``(1/S) sum_s g_s (w_s - m) / sigma^2``, the paper's
+estimator averaged over the samples. More generally it is ``d E_q[loss] / d sigma / sigma``,
+whose expectation is ``E_q[diag Hessian]`` (Price's theorem), so the local
+reparameterisation and Flipout estimators serve as well.
+
+Where this differs from the paper, for robustness (the reference package breaks down for
+some Hessian initialisations and learning rates):
+
+- ``h`` is the running average of the estimates (step ``t`` weighs its estimate by
+  ``max(1 - beta2, 1 / t)``), then the paper's exponential average; it starts from the
+  model's current spreads (``h0 = 1 / (ess mean(sigma0^2)) - delta`` per tensor), which
+  matters for the first step only (see (*)), so no Hessian init needs tuning;
+- ``delta`` comes from each site's prior (``Normal(loc, scale)``: ``1 / (ess scale^2)``,
+  pulling towards ``loc``, the pretrained weights for ``loc="pretrained"``);
+- (*) ``a = h + delta`` moves by ``d = w (h_hat - h)`` (unbiased: ``h`` is an average of
+  the estimates) but keeps ``h >= 0`` (no spread above the prior's; with no prior,
+  ``delta = 0``, it falls at most tenfold in one step). The estimate's noise includes ``g(m) eps / sigma`` (zero mean, but
+  large where the gradient at the mean is large and the spread small); the paper's
+  correction ``d^2 / (2a)`` (and an update in log space) turns that noise into an upward
+  drift, which shrinks ``sigma`` and feeds the noise: measured in
+  tests/test_optim.py's linear model, the estimate ran away to 1e11 instead of ~4;
+- each step of a mean is clipped to ``clip_radius`` posterior standard deviations.
+
+Example::
+
+    >>> bnn = bf.bayesify(model)
+    >>> opt = bf.optim.IVON(bnn, lr=0.1, ess=len(train_set))
+    >>> loss_fn = bf.NLLLoss("categorical")              # no KL term: IVON adds the prior
+    >>> bnn.train()
+    >>> for x, y in loader:
+    ...     loss = loss_fn(bnn(x, samples=2), y)
+    ...     opt.zero_grad(); loss.backward(); opt.step()
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .priors import Flat, Laplace, Normal, Prior, ScaleMixtureNormal, StudentT
+from .sites import Site, iter_sites
+from .variational import MeanFieldNormal, inverse_softplus
+
+__all__ = ["IVON", "prior_precision"]
+
+
+def prior_precision(prior: Prior) -> tuple[float, str | float]:
+    """``(1 / variance, centre)`` of a prior: the Gaussian that IVON's weight decay stands for.
+
+    The centre is ``"pretrained"`` (the site's prior buffer) or a number. Non-Gaussian priors
+    are matched by their variance (a flat prior: precision 0)."""
+    if isinstance(prior, Flat):
+        return 0.0, 0.0
+    loc = getattr(prior, "loc", 0.0)
+    if isinstance(prior, (Normal,)):
+        var = prior.scale ** 2
+    elif isinstance(prior, Laplace):
+        var = 2 * prior.scale ** 2
+    elif isinstance(prior, StudentT):
+        var = prior.scale ** 2 * (prior.df / (prior.df - 2) if prior.df > 2 else 3.0)
+    elif isinstance(prior, ScaleMixtureNormal):
+        var = prior.pi * prior.sigma1 ** 2 + (1 - prior.pi) * prior.sigma2 ** 2
+    else:
+        raise TypeError(f"IVON needs a prior with a variance (Normal, Laplace, StudentT, ScaleMixtureNormal, Flat), "
+                        f"got {prior!r}; pass weight_decay= to set the prior precision directly")
+    return 1.0 / var, loc
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, closed_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = (value >= low if closed_low else value > low) and value <= high
+    if not ok or math.isnan(value):
+        bound = f"{'>=' if closed_low else '>'} {low}" + ("" if high == math.inf else f" and <= {high}")
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return float(value)
+
+
+class IVON(torch.optim.Optimizer):
+    """Improved Variational Online Newton over the Bayesian sites of a bayesify model.
+
+    Args:
+        params: the model (its sites' means are trained), or an iterable of site means /
+            param groups of the model (then pass ``model=``). Spread parameters (``*_rho``)
+            belong to the optimiser and are skipped if listed.
+        lr: step size of the Newton-like mean update (1.0 is a full Newton step).
+        ess: effective sample size, normally the number of training points (larger = colder,
+            smaller spreads). Required.
+        betas: ``(beta1, beta2)``: momentum of the gradient and of the Hessian estimate.
+        weight_decay: ``delta``, the prior precision per data point; default (None) from each
+            site's prior: ``1 / (ess * variance)``, centred where the prior is (the pretrained
+            weights for ``loc="pretrained"``). A number overrides it (centred on 0).
+        hess_init: initial Hessian estimate; default (None) from the model's current spreads
+            (per tensor: ``1 / (ess * mean(std^2)) - delta``). Step ``t`` weighs its estimate by
+            ``max(1 - beta2, 1 / t)`` (a running average, then the paper's exponential one), so
+            the start matters for the first step only.
+        clip_radius: largest change of a mean in one step, in posterior standard deviations
+            (``math.inf``: no clipping).
+        max_grad_norm: clip the gradient of the means to this global norm before the update
+            (the spreads' gradients, which carry the Hessian estimate, are never clipped).
+            Use this rather than ``clip_grad_norm_(bnn.parameters())``, which would also scale
+            the Hessian estimate.
+        model: the model, when ``params`` is not.
+
+    The loss must not contain the KL term (use :class:`bayesify.NLLLoss`, or ``ELBOLoss``
+    with ``kl_weight=0``): an ``ELBOLoss`` with a KL term raises ``ValueError`` on an output
+    of a model that an IVON optimiser trains (``opt.release()`` hands the model back).
+
+    Memory: two float32 tensors per Bayesian weight (momentum and Hessian), as Adam.
+    Mixed precision: the state is float32 whatever the parameters' dtype.
+    Distributed: under ``DistributedDataParallel`` every rank sees the all-reduced gradients
+    of the means and spreads, so the Hessian estimates agree across ranks (FSDP's flattened
+    parameters are not supported: the optimiser pairs each mean with its spread).
+    """
+
+    def __init__(self, params: nn.Module | Iterable[Any], lr: float = 0.1, ess: float | None = None, *,
+                 betas: tuple[float, float] = (0.9, 0.9999), weight_decay: float | None = None,
+                 hess_init: float | None = None, clip_radius: float = 3.0, max_grad_norm: float | None = None,
+                 model: nn.Module | None = None) -> None:
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("pass either the model as params or model=, not two different modules")
+            model = params
+            params = None
+        if not isinstance(model, nn.Module):
+            raise TypeError("IVON needs the bayesify model: IVON(bnn, ...) or IVON(param_groups, model=bnn, ...), "
+                            f"got model={type(model).__name__}")
+        if ess is None:
+            raise ValueError("ess is required: pass the number of training points, e.g. IVON(bnn, ess=len(train_set))")
+        ess = _check_number("ess", ess, 0.0)
+        _check_number("lr", lr, 0.0)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_number("betas[0]", betas[0], 0.0, 1.0, closed_low=True)
+        if betas[0] >= 1:
+            raise ValueError(f"betas[0] must be < 1, got {betas[0]!r}")
+        _check_number("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
+        if betas[1] >= 1:
+            raise ValueError(f"betas[1] must be < 1, got {betas[1]!r}")
+        if weight_decay is not None:
+            _check_number("weight_decay", weight_decay, 0.0, closed_low=True)
+        if hess_init is not None:
+            _check_number("hess_init", hess_init, 0.0, closed_low=True)
+        _check_number("clip_radius", clip_radius, 0.0)
+        if max_grad_norm is not None:
+            _check_number("max_grad_norm", max_grad_norm, 0.0)
+
+        sites = {id(s.mean): s for s in iter_sites(model)}
+        if not sites:
+            raise ValueError("the model has no Bayesian sites: convert it with bf.bayesify(model) or build it "
+                             "from bf.nn layers")
+        for s in sites.values():
+            if type(s.spec.variational) is not MeanFieldNormal:
+                raise TypeError(f"IVON trains mean-field Normal posteriors; site {s.qualname} has "
+                                f"{s.spec.variational!r} (convert with variational='meanfield')")
+        rhos = {id(s.vparams()["rho"]) for s in sites.values()}
+        if params is None:
+            params = [s.mean for s in sites.values() if s.mean.requires_grad]
+            others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in sites
+                      and id(p) not in rhos]
+            if others:
+                warnings.warn(f"IVON trains the model's {len(params)} Bayesian tensors; {len(others)} other trainable "
+                              f"parameter(s) ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) are not "
+                              "stepped: give them their own optimiser or freeze them", stacklevel=2)
+        defaults = dict(lr=lr, ess=ess, betas=tuple(betas), weight_decay=weight_decay, hess_init=hess_init,
+                        clip_radius=clip_radius, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            kept = []
+            for p in group["params"]:
+                if id(p) in rhos:
+                    continue  # the spreads are the optimiser's output, not its input
+                if id(p) not in sites:
+                    raise ValueError("IVON steps Bayesian tensors only; got a parameter of shape "
+                                     f"{tuple(p.shape)} that is not a site mean of the model: give it its own "
+                                     "optimiser")
+                kept.append(p)
+            group["params"] = kept
+        self._sites = sites
+        self._model = model
+        # ELBOLoss refuses a KL term for a model whose prior an optimiser applies (loss.py).
+        model._prior_in_optimizer = type(self).__name__
+
+    # -- state --------------------------------------------------------------------------------
+    def _site_decay(self, site: Site, group: dict[str, Any]) -> tuple[float, Tensor | float]:
+        if group["weight_decay"] is not None:
+            return float(group["weight_decay"]), 0.0
+        prec, loc = prior_precision(site.spec.prior)
+        centre: Tensor | float = site.pbuffers()["loc"] if loc == "pretrained" else float(loc)
+        return prec / group["ess"], centre
+
+    def _init_state(self, p: Tensor, site: Site, group: dict[str, Any], delta: float) -> dict[str, Any]:
+        state = self.state[p]
+        state["step"] = 0
+        state["momentum"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if group["hess_init"] is not None:
+            state["hess"] = torch.full_like(p, group["hess_init"], dtype=torch.float32)
+        else:
+            # One value per tensor, from its mean variance: a per-weight start would keep the
+            # tiny spreads of near-zero weights (relative init) for many steps.
+            var = float(F.softplus(site.vparams()["rho"].detach().float()).square().mean())
+            state["hess"] = torch.full_like(p, max(1.0 / (group["ess"] * max(var, 1e-30)) - delta, 0.0),
+                                            dtype=torch.float32)
+        return state
+
+    def hessian(self, p: Tensor) -> Tensor | None:
+        """The Hessian estimate of site mean ``p`` (None before its first step)."""
+        st = self.state.get(p)
+        return None if not st else st["hess"]
+
+    def sync_spreads(self) -> None:
+        """Write ``std = 1 / sqrt(ess (h + delta))`` into every stepped site's ``rho``."""
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if st:
+                        site = self._sites[id(p)]
+                        delta, _ = self._site_decay(site, group)
+                        self._write_rho(site, st["hess"], delta, group["ess"])
+
+    @staticmethod
+    def _write_rho(site: Site, hess: Tensor, delta: float, ess: float) -> None:
+        rho = site.vparams()["rho"]
+        std = (hess + delta).mul_(ess).clamp_min_(1e-30).rsqrt_()
+        rho.copy_(inverse_softplus(std.to(torch.float64) if rho.dtype == torch.float64 else std))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for site in self._sites.values():
+            rho = site.vparams()["rho"]
+            if rho.grad is not None:
+                if set_to_none:
+                    rho.grad = None
+                else:
+                    rho.grad.zero_()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.sync_spreads()
+
+    def release(self) -> None:
+        """Hand the model back (e.g. to continue with an ELBO and another optimiser)."""
+        self._model.__dict__.pop("_prior_in_optimizer", None)
+
+    # -- the step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            ess, lr, radius = group["ess"], group["lr"], group["clip_radius"]
+            scale = 1.0
+            if group["max_grad_norm"] is not None:
+                grads = [p.grad for p in group["params"] if p.grad is not None]
+                if grads:
+                    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                    scale = min(1.0, group["max_grad_norm"] / (float(norm) + 1e-12))
+            for p in group["params"]:
+                site = self._sites[id(p)]
+                rho = site.vparams()["rho"]
+                if p.grad is None and rho.grad is None:
+                    continue
+                delta, centre = self._site_decay(site, group)
+                st = self.state[p] if self.state.get(p) else self._init_state(p, site, group, delta)
+                st["step"] += 1
+                t = st["step"]
+                hess, mom = st["hess"], st["momentum"]
+                sigma = F.softplus(rho.float())
+                if rho.grad is not None:
+                    # h_hat = (1/S) sum_s g_s eps_s / sigma  (the rho gradient over dstd/drho = sigmoid)
+                    h_hat = rho.grad.float().div(torch.sigmoid(rho.float()).mul_(sigma).clamp_min_(1e-38))
+                    w = max(1.0 - beta2, 1.0 / t)
+                    # a = h + delta moves by d = w (h_hat - h) but stays >= delta (h >= 0); with
+                    # no prior (delta = 0) it falls at most 10x per step (module docstring, (*)).
+                    a = hess.add(delta).clamp_min_(1e-12)
+                    lower = a.mul(0.1) if delta == 0 else delta
+                    a = torch.clamp_min(h_hat.sub_(hess).mul_(w).add_(a), lower)
+                    hess.copy_(a.sub_(delta).nan_to_num_(nan=0.0, posinf=1e30))
+                g = p.grad.float() if p.grad is not None else torch.zeros_like(mom)
+                mom.mul_(beta1).add_(g, alpha=(1 - beta1) * scale)
+                step = mom / (1 - beta1 ** t)
+                if delta:
+                    step.add_(p.float().sub(centre), alpha=delta)
+                step.div_((hess + delta).clamp_min_(1e-30))
+                if math.isfinite(radius):
+                    bound = sigma.mul_(radius / lr)
+                    step = torch.maximum(torch.minimum(step, bound), -bound)
+                p.sub_(step.mul_(lr).to(p.dtype))
+                self._write_rho(site, hess.clone(), delta, ess)
+                rho.grad = None
+        return loss

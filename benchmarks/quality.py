@@ -1,0 +1,360 @@
+"""Predictive quality of bayesify's posteriors against the usual baselines, one table per task.
+
+Every method starts from the *same pretrained network per seed* (trained here, with dropout,
+so MC dropout needs no other net) and is evaluated on the same sets:
+
+- **point**: the pretrained network in eval mode;
+- **MC dropout**: the same network with dropout on at test time;
+- **deep ensemble (5)**: the pretrained network and 4 more trained the same way from other seeds;
+- **MAP fine-tune**: ``bf.bayesify(net, variational="pointmass")`` through the same loop as
+  the ELBO fine-tune (extra training, no spreads: the control);
+- **ELBO + Adam**: ``bf.bayesify(net)`` with the library defaults and the ELBO recipe of
+  docs/uncertainty.md (Adam, means lr 1e-3, spreads lr 1e-2, 4 samples per step);
+- **IVON**: ``bf.bayesify(net)`` with the library defaults, ``bf.optim.IVON`` and
+  ``bf.NLLLoss`` (2 samples per step), the same number of steps.
+
+Tasks: ``digits`` (scikit-learn digits 0-4 in distribution; shifted: rotated +-25 degrees
+plus pixel noise; OOD: held-out digits 5-9 and uniform noise images), ``gap`` (1-D
+regression with a gap in the inputs: epistemic std in the gap / on the data),
+``diabetes`` (scikit-learn diabetes, tabular regression) and ``minilm`` (the real
+all-MiniLM-L6-v2 checkpoint with a linear head, sports vs cooking sentences; OOD:
+finance / weather / tech / politics sentences; last block + head Bayesian).
+
+Extension: ``METHODS`` maps a row name to ``fn(task, pretrained, seed) -> predictive``,
+where ``predictive(x)`` returns a dict: classification ``{"probs", "entropy", "mi"}`` (mi
+may be None), regression ``{"mean", "var", "epistemic_var"}`` (total and epistemic
+predictive variance, ``(N,)``). ``task`` exposes the data, ``task.make_net()``, the
+training batches (``task.batches(seed)``), ``task.dataset_size``, ``task.steps`` (the
+fine-tune budget) and ``task.likelihood``. Add a row with ``METHODS["name"] = fn``.
+
+Run::
+
+    python benchmarks/quality.py                          # all tasks, 3 seeds
+    python benchmarks/quality.py --tasks digits --seeds 1 # one task, one seed
+    python benchmarks/quality.py --methods point,IVON --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bayesify as bf
+
+Predictive = Callable[[Any], dict[str, Any]]
+
+
+# -- tasks ------------------------------------------------------------------------------------------
+class Task:
+    """Data, the network, its pretraining and the metrics of one benchmark task."""
+
+    name = "task"
+    likelihood = "categorical"
+    steps = 300          # fine-tune steps (MAP / ELBO / IVON)
+    batch_size = 64
+    pretrain_epochs = 60
+    dropout = 0.25
+    pred_samples = 100
+
+    def __init__(self, quick: bool = False) -> None:
+        self.quick = quick
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.y_train)
+
+    def batches(self, seed: int) -> Iterator[tuple[Any, Tensor]]:
+        """Endless shuffled minibatches of the training set."""
+        gen = torch.Generator().manual_seed(1000 + seed)
+        while True:
+            perm = torch.randperm(self.dataset_size, generator=gen)
+            for s in range(0, self.dataset_size - self.batch_size // 2, self.batch_size):
+                idx = perm[s:s + self.batch_size]
+                yield self.x_train[idx], self.y_train[idx]
+
+    #: extra keyword arguments of bf.optim.IVON for this task (none: the defaults)
+    ivon_kwargs: dict[str, Any] = {}
+
+    def convert(self, net: nn.Module, **kwargs: Any) -> bf.BayesianModel:
+        """``bf.bayesify`` as every fine-tuned method of this task uses it."""
+        return bf.bayesify(net, **kwargs)
+
+    def trainable(self, bnn: bf.BayesianModel) -> list[nn.Parameter]:
+        """The parameters a fine-tune steps (spreads excluded)."""
+        return [p for n, p in bnn.named_parameters() if p.requires_grad and not n.endswith("_rho")]
+
+    def train_mode(self, bnn: bf.BayesianModel) -> None:
+        """Called after ``bnn.train()`` in the fine-tune loop (e.g. frozen blocks back to eval)."""
+
+    def point_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(out, y)
+
+    def pretrain(self, seed: int) -> nn.Module:
+        """Adam with a cosine decay to 0: a converged point network (dropout on in training)."""
+        torch.manual_seed(seed)
+        net = self.make_net()
+        epochs = self.pretrain_epochs
+        per_epoch = -(-self.dataset_size // self.batch_size)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * per_epoch)
+        net.train()
+        it = self.batches(seed)
+        for _ in range(epochs * per_epoch):
+            x, y = next(it)
+            loss = self.point_loss(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        return net.eval()
+
+
+def _rotate(x: Tensor, max_deg: float, noise: float, gen: torch.Generator) -> Tensor:
+    n = x.shape[0]
+    ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(max_deg)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = ang.cos(), -ang.sin()
+    theta[:, 1, 0], theta[:, 1, 1] = ang.sin(), ang.cos()
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (out + noise * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+class Digits(Task):
+    name = "digits"
+    classes = 5
+
+    def __init__(self, quick: bool = False) -> None:
+        super().__init__(quick)
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(d.target)
+        keep = y < self.classes
+        xi, yi = x[keep], y[keep]
+        tr, te = train_test_split(range(len(yi)), test_size=0.4, stratify=yi.numpy(), random_state=0)
+        gen = torch.Generator().manual_seed(0)
+        self.x_train, self.y_train = xi[tr], yi[tr]
+        self.x_test, self.y_test = xi[te], yi[te]
+        self.x_shift = _rotate(self.x_test, 25, 0.15, gen)
+        self.x_heldout = x[~keep]
+        self.x_noise = torch.rand((500, 1, 8, 8), generator=gen)
+        if quick:
+            self.pretrain_epochs, self.steps = 30, 100
+
+    def make_net(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(self.dropout),
+            nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Dropout(self.dropout),
+            nn.Linear(64, self.classes),
+        )
+
+    columns = [("acc", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("shift_nll", "shift NLL"),
+               ("shift_ece", "shift ECE"), ("auroc_heldout", "AUROC 5-9"), ("auroc_noise", "AUROC noise")]
+
+    def evaluate(self, predict: Predictive) -> dict[str, float]:
+        m = bf.metrics
+        t, s, h, n = (predict(x) for x in (self.x_test, self.x_shift, self.x_heldout, self.x_noise))
+        return {"acc": m.accuracy(t["probs"], self.y_test), "nll": m.nll(t["probs"], self.y_test),
+                "ece": m.ece(t["probs"], self.y_test),
+                "shift_nll": m.nll(s["probs"], self.y_test), "shift_ece": m.ece(s["probs"], self.y_test),
+                "auroc_heldout": m.auroc(t["entropy"], h["entropy"]),
+                "auroc_noise": m.auroc(t["entropy"], n["entropy"])}
+
+
+# -- methods ----------------------------------------------------------------------------------------
+def _classify(sample_logits: Tensor) -> dict[str, Any]:
+    """``(S, N, C)`` logits -> predictive probs, entropy, mutual information."""
+    p = sample_logits.float().softmax(-1)
+    probs = p.mean(0)
+    ent = torch.special.entr(probs).sum(-1)
+    mi = (ent - torch.special.entr(p).sum(-1).mean(0)).clamp_min(0) if p.shape[0] > 1 else None
+    return {"probs": probs, "entropy": ent, "mi": mi}
+
+
+def _regress(samples: Tensor, noise_var: float) -> dict[str, Any]:
+    """``(S, N, 1)`` predicted means -> mean, total and epistemic variance ``(N,)``."""
+    s = samples.float().reshape(samples.shape[0], -1)
+    epi = s.var(0, unbiased=False) if s.shape[0] > 1 else torch.zeros_like(s[0])
+    return {"mean": s.mean(0), "var": epi + noise_var, "epistemic_var": epi}
+
+
+def _call(net: nn.Module, x: Any) -> Tensor:
+    return net(**x) if isinstance(x, dict) else net(x)
+
+
+def _wrap(task: Task, sampled: Callable[[Any], Tensor]) -> Predictive:
+    @torch.no_grad()
+    def predict(x: Any) -> dict[str, Any]:
+        out = sampled(x)
+        if task.likelihood == "categorical":
+            return _classify(out)
+        return _regress(out, task.noise_var)
+    return predict
+
+
+def point(task: Task, net: nn.Module, seed: int) -> Predictive:
+    return _wrap(task, lambda x: _call(net.eval(), x).unsqueeze(0))
+
+
+def mc_dropout(task: Task, net: nn.Module, seed: int) -> Predictive:
+    def sampled(x: Any) -> Tensor:
+        torch.manual_seed(seed)
+        net.train()
+        out = torch.stack([_call(net, x) for _ in range(task.pred_samples)])
+        net.eval()
+        return out
+    return _wrap(task, sampled)
+
+
+def ensemble(task: Task, net: nn.Module, seed: int) -> Predictive:
+    members = [net] + [task.pretrain(seed + 100 * k) for k in range(1, 5)]
+    return _wrap(task, lambda x: torch.stack([_call(m.eval(), x) for m in members]))
+
+
+def _finetune_loop(task: Task, bnn: bf.BayesianModel, loss_fn: nn.Module, opt: torch.optim.Optimizer,
+                   samples: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    bnn.train()
+    task.train_mode(bnn)
+    it = task.batches(seed)
+    for _ in range(task.steps):
+        x, y = next(it)
+        out = bnn(**x, samples=samples) if isinstance(x, dict) else bnn(x, samples=samples)
+        loss = loss_fn(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bnn.eval()
+
+
+def _bnn_predictive(task: Task, bnn: bf.BayesianModel, seed: int) -> Predictive:
+    def sampled(x: Any) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        out = bnn(**x, samples=task.pred_samples, generator=gen) if isinstance(x, dict) else \
+            bnn(x, samples=task.pred_samples, generator=gen)
+        return bf.loss.first_tensor(out)
+    return _wrap(task, sampled)
+
+
+def _nll_kwargs(task: Task) -> dict[str, Any]:
+    return {} if task.likelihood == "categorical" else {"noise_std": math.sqrt(task.noise_var)}
+
+
+def map_finetune(task: Task, net: nn.Module, seed: int) -> Predictive:
+    bnn = task.convert(net, variational="pointmass")
+    loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, **_nll_kwargs(task))
+    opt = torch.optim.Adam(task.trainable(bnn), lr=1e-3)
+    _finetune_loop(task, bnn, loss_fn, opt, 1, seed)
+    return _bnn_predictive(task, bnn, seed)
+
+
+def elbo_adam(task: Task, net: nn.Module, seed: int) -> Predictive:
+    bnn = task.convert(net)
+    loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, **_nll_kwargs(task))
+    named = [(n, p) for n, p in bnn.named_parameters() if p.requires_grad]
+    opt = torch.optim.Adam([{"params": [p for n, p in named if not n.endswith("_rho")], "lr": 1e-3},
+                            {"params": [p for n, p in named if n.endswith("_rho")], "lr": 1e-2}])
+    _finetune_loop(task, bnn, loss_fn, opt, 4, seed)
+    return _bnn_predictive(task, bnn, seed)
+
+
+def ivon(task: Task, net: nn.Module, seed: int) -> Predictive:
+    bnn = task.convert(net)
+    loss_fn = bf.NLLLoss(task.likelihood, **_nll_kwargs(task))
+    opt = bf.optim.IVON(task.trainable(bnn), model=bnn, ess=task.dataset_size, **task.ivon_kwargs)
+    _finetune_loop(task, bnn, loss_fn, opt, 2, seed)
+    return _bnn_predictive(task, bnn, seed)
+
+
+METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = OrderedDict([
+    ("point", point), ("MC dropout", mc_dropout), ("deep ensemble (5)", ensemble),
+    ("MAP fine-tune", map_finetune), ("ELBO + Adam", elbo_adam), ("IVON", ivon),
+])
+TASKS: dict[str, type[Task]] = {"digits": Digits}
+
+
+# -- running and tables -----------------------------------------------------------------------------
+def run_task(task: Task, seeds: list[int], methods: list[str], log=print) -> dict[str, list[dict[str, float]]]:
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    for seed in seeds:
+        t = time.perf_counter()
+        net = task.pretrain(seed)
+        pre = time.perf_counter() - t
+        log(f"[{task.name}] seed {seed}: pretrained in {pre:.1f} s")
+        for name in methods:
+            base = copy.deepcopy(net)
+            t = time.perf_counter()
+            predict = METHODS[name](task, base, seed)
+            fit = time.perf_counter() - t
+            t = time.perf_counter()
+            row = task.evaluate(predict)
+            row["fit_s"], row["predict_s"] = fit, time.perf_counter() - t
+            results[name].append(row)
+            log(f"[{task.name}] seed {seed} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    return results
+
+
+def table(task: Task, results: dict[str, list[dict[str, float]]]) -> str:
+    cols = task.columns + [("fit_s", "fit s"), ("predict_s", "predict s")]
+
+    def cell(vals: list[float]) -> str:
+        vals = [v for v in vals if v is not None and not math.isnan(v)]
+        if not vals:
+            return "—"
+        t = torch.tensor(vals, dtype=torch.float64)
+        fmt = "{:.2f}" if abs(float(t.mean())) >= 10 else "{:.3f}"
+        return fmt.format(float(t.mean())) + ("" if len(vals) == 1 else " ± " + fmt.format(float(t.std())))
+
+    lines = ["| method | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, rows in results.items():
+        if rows:
+            lines.append(f"| {name} | " + " | ".join(cell([r.get(k, math.nan) for r in rows]) for k, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict[str, float]]]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the METHODS rows")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    ap.add_argument("--quick", action="store_true", help="fewer pretraining epochs and fine-tune steps (smoke run)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for t in tasks:
+        if t not in TASKS:
+            ap.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    out = {}
+    for name in tasks:
+        task = TASKS[name](quick=args.quick)
+        t = time.perf_counter()
+        res = run_task(task, list(range(args.seeds)), methods)
+        out[name] = res
+        print(f"\n### {name} ({args.seeds} seed(s), mean ± std; {time.perf_counter() - t:.0f} s)\n")
+        print(table(task, res), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

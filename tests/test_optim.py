@@ -1,0 +1,217 @@
+"""bf.optim.IVON: the Hessian estimate, convergence to the exact posterior of a linear-Gaussian
+model, the spreads written into the model, state_dict round trips, DDP with one process, and
+the errors (a KL term in the loss, parameters that are not Bayesian, bad arguments)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayesify as bf
+
+NOISE = 0.5
+PRIOR_SCALE = 1.0
+
+
+def linear_data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    x[:, 1] += 0.8 * x[:, 0]  # correlated features: the precision is not diagonal
+    x[:, 2] *= 0.3
+    w = torch.tensor([[1.0, -2.0, 0.5]])
+    return x, x @ w.T + NOISE * torch.randn(n, 1, generator=g)
+
+
+def linear_model(seed: int = 0) -> bf.nn.VILinear:
+    torch.manual_seed(seed)
+    return bf.nn.VILinear(3, 1, bias=False, prior=bf.priors.Normal(0.0, PRIOR_SCALE),
+                          variational=bf.variational.MeanFieldNormal(init_std=0.05))
+
+
+def exact_posterior(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Precision, mean and the mean-field optimum's variance (1 / diagonal of the precision)."""
+    x64, y64 = x.double(), y.double()
+    precision = x64.T @ x64 / NOISE ** 2 + torch.eye(3, dtype=torch.float64) / PRIOR_SCALE ** 2
+    mean = torch.linalg.solve(precision, x64.T @ y64 / NOISE ** 2).squeeze(1)
+    return precision, mean, 1.0 / precision.diagonal()
+
+
+def fit(model: nn.Module, opt: bf.optim.IVON, x: torch.Tensor, y: torch.Tensor, steps: int, samples: int,
+        seed: int = 0, loss_fn: nn.Module | None = None, call: nn.Module | None = None) -> None:
+    loss_fn = loss_fn or bf.NLLLoss("normal", noise_std=NOISE)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        loss = loss_fn((call or model)(x, samples=samples, generator=gen), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_hessian_estimate_matches_the_exact_diagonal():
+    """For a quadratic loss, E[g (w - m) / sigma^2] is the Hessian diagonal; the estimate is read
+    off the spreads' gradients. With lr=0 the running mean of the estimates converges to it."""
+    x, y = linear_data()
+    model = linear_model()
+    with torch.no_grad():  # at the optimum, where the estimator's noise g(m) eps / sigma is small
+        model.weight.copy_(exact_posterior(x, y)[1].float().unsqueeze(0))
+    opt = bf.optim.IVON(model, lr=1e-12, ess=len(x), weight_decay=0.0, hess_init=0.0)
+    fit(model, opt, x, y, steps=60, samples=256)
+    exact = (x.T @ x / len(x) / NOISE ** 2).diagonal()  # Hessian of the mean NLL
+    h = opt.hessian(model.weight).squeeze(0)
+    torch.testing.assert_close(h, exact, rtol=0.05, atol=0.0)
+
+
+def test_converges_to_the_exact_mean_field_posterior():
+    """Linear-Gaussian regression: IVON's mean -> the exact posterior mean, its variance -> the
+    mean-field optimum 1 / diag(precision) (not diag(covariance), which is larger)."""
+    x, y = linear_data()
+    precision, mean, var = exact_posterior(x, y)
+    model = linear_model()
+    opt = bf.optim.IVON(model, lr=0.2, ess=len(x))
+    fit(model, opt, x, y, steps=400, samples=16)
+    std = F.softplus(model.weight_rho.detach()).squeeze(0).double()
+    torch.testing.assert_close(model.weight.detach().squeeze(0).double(), mean, atol=float(0.3 * var.sqrt().min()),
+                               rtol=0.0)
+    torch.testing.assert_close(std, var.sqrt(), rtol=0.1, atol=0.0)
+    assert not torch.allclose(std, torch.linalg.inv(precision).diagonal().sqrt(), rtol=0.1)
+
+
+def test_spreads_in_the_model_equal_the_optimiser_state(tmp_path):
+    x, y = linear_data()
+    bnn = bf.bayesify(nn.Linear(3, 1), prior=bf.priors.Normal(0.0, PRIOR_SCALE),
+                      arch_kwargs={"in_features": 3, "out_features": 1})
+    opt = bf.optim.IVON(bnn, lr=0.1, ess=len(x))
+    fit(bnn, opt, x, y, steps=5, samples=4)
+    delta = 1.0 / (len(x) * PRIOR_SCALE ** 2)
+    layer = bnn.model
+    expected = (len(x) * (opt.hessian(layer.weight) + delta)).rsqrt()
+    torch.testing.assert_close(F.softplus(layer.weight_rho.detach()), expected)
+    assert layer.weight_rho.grad is None  # consumed by the step
+    bf.save(bnn, tmp_path / "m.bnn")
+    loaded = bf.load(tmp_path / "m.bnn")
+    torch.testing.assert_close(F.softplus(loaded.model.weight_rho), expected)
+
+
+def test_prior_centre_and_scale_without_data():
+    """With a loss that carries no information, the means move only towards the prior's centre
+    (staying at the pretrained weights for loc="pretrained", shrinking towards 0 otherwise) and
+    the spreads grow to the prior scale."""
+    x, _ = linear_data()
+    for loc in ("pretrained", 0.0):
+        torch.manual_seed(0)
+        bnn = bf.bayesify(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)),
+                          prior=bf.priors.Normal(loc, 0.05))
+        before = [s.mean.detach().clone() for s in bnn.bayesian_sites()]
+        opt = bf.optim.IVON(bnn, lr=0.5, ess=len(x))
+        no_information = lambda out, y: 0.0 * out.sum()  # noqa: E731
+        fit(bnn, opt, x, x[:, :1], steps=40, samples=2, loss_fn=bf.NLLLoss(no_information))
+        for site, b in zip(bnn.bayesian_sites(), before):
+            std = F.softplus(site.vparams()["rho"].detach())
+            assert float(std.max()) <= 0.05 * 1.0001 and float(std.min()) > 0.05 * 0.7, site.qualname
+            if loc == "pretrained":
+                torch.testing.assert_close(site.mean.detach(), b)
+            else:
+                assert float(site.mean.detach().abs().sum()) < 0.5 * float(b.abs().sum()), site.qualname
+
+
+def test_state_dict_round_trip_continues_identically():
+    x, y = linear_data()
+    model = linear_model()
+    opt = bf.optim.IVON(model, lr=0.1, ess=len(x))
+    fit(model, opt, x, y, steps=5, samples=4, seed=1)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    twin = linear_model(seed=5)
+    twin.load_state_dict(saved["model"])
+    opt2 = bf.optim.IVON(twin, lr=0.1, ess=len(x))
+    opt2.load_state_dict(saved["opt"])
+    fit(model, opt, x, y, steps=5, samples=4, seed=2)
+    fit(twin, opt2, x, y, steps=5, samples=4, seed=2)
+    torch.testing.assert_close(twin.weight, model.weight, rtol=0, atol=0)
+    torch.testing.assert_close(twin.weight_rho, model.weight_rho, rtol=0, atol=0)
+    torch.testing.assert_close(opt2.hessian(twin.weight), opt.hessian(model.weight), rtol=0, atol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_with_one_process_matches_plain_training():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    x, y = linear_data()
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    plain = bf.bayesify(net)
+    wrapped_bnn = copy.deepcopy(plain)
+    fit(plain, bf.optim.IVON(plain, ess=len(x)), x, y, steps=4, samples=2, seed=3)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = DDP(wrapped_bnn)
+        fit(wrapped_bnn, bf.optim.IVON(wrapped_bnn, ess=len(x)), x, y, steps=4, samples=2, seed=3, call=ddp)
+    finally:
+        dist.destroy_process_group()
+    for (name, a), b in zip(plain.named_parameters(), wrapped_bnn.parameters()):
+        torch.testing.assert_close(b, a, msg=name)
+
+
+def test_elbo_with_kl_is_refused_and_nll_paths_work():
+    x, y = linear_data()
+    model = linear_model()
+    opt = bf.optim.IVON(model, ess=len(x))
+    model.train()
+    with pytest.raises(ValueError, match="NLLLoss"):
+        bf.ELBOLoss("normal", dataset_size=len(x))(model(x, samples=2), y)
+    for loss_fn in (bf.NLLLoss("normal"), bf.ELBOLoss("normal", dataset_size=len(x), kl_weight=0)):
+        loss_fn(model(x, samples=2), y).backward()
+        opt.step()
+    opt.release()
+    bf.ELBOLoss("normal", dataset_size=len(x))(model(x, samples=2), y)  # handed back: the ELBO is fine
+
+
+def test_bad_arguments():
+    x, _ = linear_data()
+    model = linear_model()
+    with pytest.raises(ValueError, match="ess is required"):
+        bf.optim.IVON(model)
+    with pytest.raises(TypeError, match="model"):
+        bf.optim.IVON(model.parameters(), ess=10)
+    with pytest.raises(ValueError, match="lr"):
+        bf.optim.IVON(model, ess=10, lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        bf.optim.IVON(model, ess=10, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="not a site mean"):
+        bf.optim.IVON([nn.Parameter(torch.zeros(2))], model=model, ess=10)
+    with pytest.raises(TypeError, match="meanfield"):
+        bf.optim.IVON(bf.bayesify(nn.Linear(2, 2), variational="pointmass"), ess=10)
+    with pytest.raises(ValueError, match="no Bayesian sites"):
+        bf.optim.IVON(nn.Linear(2, 2), ess=10)
+
+
+def test_param_groups_and_mixed_precision_state():
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    bnn = bf.bayesify(net).to(torch.bfloat16)
+    x, y = linear_data()
+    first, second = bnn.model[0], bnn.model[2]
+    opt = bf.optim.IVON([{"params": [first.weight, first.bias], "lr": 0.05},
+                         {"params": [second.weight, second.bias, second.weight_rho]}], model=bnn, ess=len(x))
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]  # a listed spread is skipped
+    fit(bnn, opt, x.bfloat16(), y.bfloat16(), steps=3, samples=2)
+    st = opt.state[second.weight]
+    assert st["hess"].dtype == st["momentum"].dtype == torch.float32
+    assert second.weight.dtype == torch.bfloat16 and torch.isfinite(second.weight).all()
