@@ -92,6 +92,10 @@ class LaplaceResult:
     curvature: dict[str, Any] = field(default_factory=dict, repr=False)
     structure: dict[str, str] = field(default_factory=dict, repr=False)
 
+    def apply(self, bnn: VIModule, prior_precision: dict[str, float] | float | None = None) -> None:
+        """Set ``bnn``'s spreads from this curvature again, e.g. for another prior precision."""
+        apply(bnn, self, prior_precision)
+
     def variance(self, name: str, prior_precision: float) -> Tensor:
         """Posterior variance of site ``name`` for a prior precision."""
         c = self.curvature[name]
