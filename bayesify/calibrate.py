@@ -187,7 +187,9 @@ def calibrate(
                 raise ValueError(f"calibrate rescales MeanFieldNormal spreads; site {s.qualname} has "
                                  f"{s.spec.variational!r}; pass posterior=False to calibrate the softmax only")
     by_group = _groups(bnn, sites, groups)
-    gen = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    device = sites[0].mean.device
+    gen = generator if generator is not None else torch.Generator(device=device).manual_seed(
+        int(torch.randint(0, 2**62, (1,))))
     modes = [(m, m.training) for m in bnn.modules()]
     bnn.eval()
     try:
@@ -246,7 +248,7 @@ def select_prior_precision(bnn: VIModule, result: Any, val_data: Any, candidates
     kind = result.likelihood
     noise_var = (result.noise_std or 1.0) ** 2
     data = _load(bnn, val_data)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else None))
     scores = []
     modes = [(m, m.training) for m in bnn.modules()]
     bnn.eval()
@@ -255,7 +257,8 @@ def select_prior_precision(bnn: VIModule, result: Any, val_data: Any, candidates
             for d in candidates:
                 apply(bnn, result, float(d))
                 sites = list(iter_sites(bnn))
-                ev = _Linear(bnn, data, {"all": sites}, samples, torch.Generator().manual_seed(seed))
+                ev = _Linear(bnn, data, {"all": sites}, samples,
+                             torch.Generator(device=sites[0].mean.device).manual_seed(seed))
                 nll = ev.nll({"all": 1.0}, None, None, (lambda o, y: _nll_categorical(o, y, torch.ones(1)))
                              if kind == "categorical" else (lambda o, y: _nll_normal(o, y, noise_var)))
                 scores.append(float(nll.min()))
