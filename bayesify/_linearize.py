@@ -19,7 +19,7 @@ from .loss import first_tensor
 from .module import VIModule
 from .sites import Site, iter_sites
 
-__all__ = ["math_attention", "at_means", "mean_output", "site_means", "linearized_outputs", "perturbations"]
+__all__ = ["math_attention", "at_means", "spread_sites", "mean_output", "site_means", "linearized_outputs", "perturbations"]
 
 _ABSENT = object()
 
@@ -61,6 +61,24 @@ def mean_output(root: nn.Module, params: dict[str, Tensor], args: tuple, kwargs:
     """The prediction tensor (``.logits`` or the first tensor) of ``root`` with ``params``
     substituted for its site means; call inside :func:`at_means`."""
     return first_tensor(torch.func.functional_call(root, params, args, kwargs, strict=False))
+
+
+def spread_sites(sites: list[Site], factors: dict[str, Tensor] | None = None, floor: float = 2e-12) -> list[Site]:
+    """The sites with a spread: those a last-layer Laplace left at (numerically) zero spread are
+    skipped, so that the linearised predictive batches tangents only from the layers that move."""
+    out = []
+    for s in sites:
+        if factors and s.qualname in factors:
+            out.append(s)
+            continue
+        try:
+            std = s.spec.variational.std(s.mean.detach(), {k: v.detach() for k, v in s.vparams().items()})
+        except ValueError:
+            out.append(s)
+            continue
+        if std.numel() and float(std.max()) > floor:
+            out.append(s)
+    return out
 
 
 def perturbations(sites: list[Site], n: int, generator: torch.Generator | None,

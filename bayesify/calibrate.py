@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ._choices import lookup
-from ._linearize import linearized_outputs, perturbations, site_means
+from ._linearize import at_means, linearized_outputs, mean_output, perturbations, site_means, spread_sites
 from .laplace import NO_SPREAD, _iterate, _module_name, _split, _to
 from .loss import LIKELIHOODS, first_tensor
 from .module import VIModule
@@ -301,19 +301,27 @@ class _Linear:
                  gen: torch.Generator) -> None:
         self.cache = []
         factors = getattr(bnn, "posterior_factors", None)
-        tangents = {g: perturbations(ss, samples, gen, factors) for g, ss in by_group.items()}
+        by_group = {g: spread_sites(ss, factors) for g, ss in by_group.items()}
+        tangents = {g: perturbations(ss, samples, gen, factors) for g, ss in by_group.items() if ss}
         for args, kwargs, y in data:
             primal, jts = None, {}
-            for g, ss in by_group.items():
-                primal, jts[g] = linearized_outputs(bnn, args, kwargs, site_means(bnn, ss), tangents[g])
+            for g in tangents:
+                primal, jts[g] = linearized_outputs(bnn, args, kwargs, site_means(bnn, by_group[g]), tangents[g])
+            if primal is None:  # no site has a spread: the outputs at the means
+                with at_means(bnn):
+                    primal = mean_output(bnn, {}, args, kwargs)
             self.cache.append((primal.detach(), {g: j.detach() for g, j in jts.items()}, y))
 
     def nll(self, chosen: dict[str, float], group: str | None, grid: Tensor | None, nll_of: Any) -> Tensor:
         total = 0
         for primal, jts, y in self.cache:
-            fixed = primal.unsqueeze(0) + sum(c * jts[g] for g, c in chosen.items() if g != group)
+            fixed = primal.unsqueeze(0) + sum(c * jts[g] for g, c in chosen.items() if g != group and g in jts)
+            if fixed.dim() == primal.dim():  # nothing moves: one "sample"
+                fixed = fixed.unsqueeze(0)
             if group is None:
                 out = fixed.unsqueeze(0)
+            elif group not in jts:
+                out = fixed.unsqueeze(0).expand(len(grid), *fixed.shape)
             else:
                 c = grid.to(primal.dtype).reshape(-1, *([1] * jts[group].dim()))
                 out = fixed.unsqueeze(0) + c * jts[group].unsqueeze(0)

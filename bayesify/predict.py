@@ -316,11 +316,12 @@ def predict(
         model.eval()
         with torch.no_grad(), _progress(progress, total) as advance:
             if linearized:
-                from ._linearize import perturbations, site_means
+                from ._linearize import perturbations, site_means, spread_sites
 
-                sites = list(iter_sites(model))
+                factors = getattr(model, "posterior_factors", None)
+                sites = spread_sites(list(iter_sites(model)), factors)
                 means = site_means(model, sites)
-                tangents = perturbations(sites, n, gen, getattr(model, "posterior_factors", None))
+                tangents = perturbations(sites, n, gen, factors)
                 after_one = gen.get_state() if gen is not None else None
             for args, kwargs in calls:
                 if linearized:
