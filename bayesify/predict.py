@@ -235,10 +235,16 @@ def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[], None]]:
 
 
 def _linearized(model: VIModule, args: tuple, kwargs: dict, means: dict[str, Tensor], tangents: dict[str, Tensor],
-                chunk_size: int | None) -> Tensor:
+                chunk_size: int | None, n: int) -> Tensor:
     """``f(x, mean) + J(x) (w_s - mean)`` ``(S, ...)`` for the drawn perturbations ``tangents``."""
     from ._linearize import linearized_outputs
 
+    if not tangents:  # no site has a spread: every sample is the output at the means
+        from ._linearize import at_means, mean_output
+
+        with at_means(model):
+            primal = mean_output(model, {}, args, kwargs)
+        return primal.unsqueeze(0).expand(n, *primal.shape).detach()
     primal, jt = linearized_outputs(model, args, kwargs, means, tangents, chunk_size)
     return (primal.unsqueeze(0) + jt).detach()
 
@@ -325,7 +331,7 @@ def predict(
                 after_one = gen.get_state() if gen is not None else None
             for args, kwargs in calls:
                 if linearized:
-                    pred = _linearized(model, args, kwargs, means, tangents, chunk_size)
+                    pred = _linearized(model, args, kwargs, means, tangents, chunk_size, n)
                 else:
                     if gen is not None:
                         gen.set_state(start)  # the same weight draws for every batch
