@@ -239,3 +239,32 @@ def test_bad_input() -> None:
         bf.laplace(bf.bayesify(small_net(), variational="pointmass"), [x])
     with pytest.raises(ValueError, match="no batches"):
         bf.laplace(bnn, [])
+
+
+class HandWritten(bf.VIModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = bf.nn.VILinear(3, 8, variational=bf.variational.MeanFieldNormal(init_std=0.05))
+        self.out = bf.nn.VILinear(8, 2, variational=bf.variational.MeanFieldNormal(init_std=0.05))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc1(x)))
+
+
+def test_hand_written_vimodule() -> None:
+    torch.manual_seed(0)
+    model = HandWritten().double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    r = bf.laplace(model, [x], include="out", structure={"out": "full"}, progress=False)
+    assert set(r.curvature) == {"out.weight", "out.bias"}
+    pred = bf.predict(model, x, samples=3, keep_samples=True)
+    assert pred.sample_probs.shape == (3, 10, 2)
+    assert not torch.allclose(pred.sample_probs[0], pred.sample_probs[1])  # the head's spread shows
+    assert float(torch.nn.functional.softplus(model.fc1.weight_rho).max()) <= 2 * NO_SPREAD
+    # With a huge prior precision, every linearised sample is the forward at the means.
+    r.apply(model, prior_precision=1e12)
+    pred = bf.predict(model, x, samples=3, keep_samples=True)
+    hidden = torch.tanh(torch.nn.functional.linear(x, model.fc1.weight, model.fc1.bias))
+    mean_logits = torch.nn.functional.linear(hidden, model.out.weight, model.out.bias).detach()
+    torch.testing.assert_close(pred.sample_probs, torch.softmax(mean_logits, -1).expand(3, -1, -1),
+                               atol=1e-5, rtol=0)
