@@ -339,8 +339,13 @@ def laplace(
     device = all_sites[0].mean.device
 
     modes = [(m, m.training) for m in bnn.modules()]
+    # torch.func differentiates the means it is given; autograd recording the model's own
+    # parameters on top would only cost time and memory.
+    grads = [(p, p.requires_grad) for p in bnn.parameters()]
     bnn.eval()
     try:
+        for p, _ in grads:
+            p.requires_grad_(False)
         result = _run(bnn, batches, total, kind, curv, include, structure, prior_precision, pstruct, noise_std,
                       dataset_size, chunk_size, generator, progress, all_sites, device, t0)
         if prior_precision == "val":
@@ -352,6 +357,8 @@ def laplace(
     finally:
         for m, mode in modes:
             m.training = mode
+        for p, req in grads:
+            p.requires_grad_(req)
 
 
 def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, curv: str, include: Any,
