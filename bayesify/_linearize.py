@@ -19,7 +19,8 @@ from .loss import first_tensor
 from .module import VIModule
 from .sites import Site, iter_sites
 
-__all__ = ["math_attention", "at_means", "spread_sites", "mean_output", "site_means", "linearized_outputs", "perturbations"]
+__all__ = ["math_attention", "at_means", "spread_sites", "mean_output", "site_means", "linearized_outputs",
+           "perturbations"]
 
 _ABSENT = object()
 
@@ -119,10 +120,3 @@ def linearized_outputs(root: nn.Module, args: tuple, kwargs: dict, means: dict[s
     with at_means(root):
         primal, jt = torch.vmap(one, out_dims=(None, 0), chunk_size=chunk_size)(tangents)
     return primal, jt
-
-
-def call_leaves(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
-    """Flatten a model call into pytree leaves (and the spec to rebuild it)."""
-    from torch.utils._pytree import tree_flatten
-
-    return tree_flatten((args, kwargs))

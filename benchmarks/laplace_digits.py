@@ -18,7 +18,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 import bayesify as bf
 

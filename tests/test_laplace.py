@@ -186,6 +186,18 @@ def test_after_laplace_the_model_is_an_ordinary_converted_model(tmp_path) -> Non
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
+    # Natural-gradient training (IVON) from the Laplace spreads.
+    bnn = bf.bayesify(net)
+    bf.laplace(bnn, [(x, y)], progress=False)
+    ivon = bf.optim.IVON(bnn, lr=0.05, ess=20)
+    nll = bf.NLLLoss("categorical")
+    bnn.train()
+    for _ in range(2):
+        loss = nll(bnn(x, samples=2), y)
+        ivon.zero_grad()
+        loss.backward()
+        ivon.step()
+    assert all(bool(torch.isfinite(p).all()) for p in bnn.parameters())
 
 
 # -- real architectures ----------------------------------------------------------------------------------
