@@ -12,6 +12,11 @@ so MC dropout needs no other net) and is evaluated on the same sets:
   docs/uncertainty.md (Adam, means lr 1e-3, spreads lr 1e-2, 4 samples per step);
 - **IVON**: ``bf.bayesify(net)`` with the library defaults, ``bf.optim.IVON`` and
   ``bf.NLLLoss`` (2 samples per step), the same number of steps.
+- **Laplace** rows (no training): ``bf.laplace`` over the training set (all sites diagonal, or the
+  last layer with a full GGN), with and without ``bf.calibrate``, predicting with the
+  linearised predictive; **laplace-torch last-layer KFAC** (marglik, GLM predictive) as the
+  external anchor. ``bf.calibrate`` uses ``task.x_val`` / ``task.y_val`` where a task has them,
+  else the training set (which the network has fit: calibration there picks the point model).
 
 Tasks: ``digits`` (scikit-learn digits 0-4 in distribution; shifted: rotated +-25 degrees
 plus pixel noise; OOD: held-out digits 5-9 and uniform noise images), ``gap`` (1-D
