@@ -280,3 +280,12 @@ def test_hand_written_vimodule() -> None:
     mean_logits = torch.nn.functional.linear(hidden, model.out.weight, model.out.bias).detach()
     torch.testing.assert_close(pred.sample_probs, torch.softmax(mean_logits, -1).expand(3, -1, -1),
                                atol=1e-5, rtol=0)
+
+
+def test_dataset_size_scales_the_curvature() -> None:
+    net = small_net()
+    x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    r1 = bf.laplace(bf.bayesify(net), [x], include="5", progress=False)
+    r2 = bf.laplace(bf.bayesify(net), [x], include="5", progress=False, dataset_size=24)
+    torch.testing.assert_close(r2.curvature["model.5.weight"], 3 * r1.curvature["model.5.weight"])
+    assert r1.n_examples == r2.n_examples == 8
