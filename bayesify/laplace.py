@@ -234,6 +234,31 @@ def _accumulate(total: dict[str, Tensor], per: dict[str, Tensor], full: set[str]
         total[k] = add if k not in total else total[k] + add
 
 
+def _head_curvature(sums: dict[str, Tensor], sites: list[Site], a: Tensor, out: Tensor, kind: str,
+                    full: set[str]) -> None:
+    """The GGN of a last Linear layer ``out = a W^T + b`` from its input ``a`` ``(B, in)`` alone
+    (``J`` of row ``c`` is ``e_c (x) a``): diagonal ``sum_n Lambda_n,cc a_n^2``, full block
+    ``sum_n Lambda_n (x) a_n a_n^T``; ``Lambda = diag(p) - p p^T`` (categorical) or ``I`` (normal;
+    divided by the noise variance later). One forward pass, no per-example Jacobians."""
+    a = a.detach()
+    if kind == "categorical":
+        o = out.detach()
+        p = torch.softmax(o if o.dtype in (torch.float32, torch.float64) else o.float(), -1).to(a.dtype)
+        lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    else:
+        lam = torch.eye(out.shape[-1], dtype=a.dtype, device=a.device).expand(a.shape[0], -1, -1)
+    for s in sites:
+        if s.name == "weight":
+            if s.qualname in full:
+                c, i = s.mean.shape
+                add = torch.einsum("bcd,bi,bj->cidj", lam, a, a).reshape(c * i, c * i)
+            else:
+                add = torch.diagonal(lam, dim1=-2, dim2=-1).T @ a.square()
+        else:
+            add = lam.sum(0) if s.qualname in full else torch.diagonal(lam, dim1=-2, dim2=-1).sum(0)
+        sums[s.qualname] = add if s.qualname not in sums else sums[s.qualname] + add
+
+
 # -- prior precision ----------------------------------------------------------------------------------
 def _precision_root(evals: list[Tensor], sqnorm: float, count: int) -> float:
     """The ``d`` where ``d/dd log Z = count / d - sum 1 / (l + d) - sqnorm = 0`` (decreasing in d)."""
@@ -366,6 +391,7 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
          dataset_size: int | None, chunk_size: int | None, generator: torch.Generator | None, progress: bool,
          all_sites: list[Site], device: torch.device, t0: float) -> LaplaceResult:
     chosen: list[Site] | None = None
+    head: nn.Module | None = None  # a Linear whose output is the prediction: closed-form GGN (_head_curvature)
     full: set[str] = set()
     struct_of: dict[str, str] = {}
     sums: dict[str, Tensor] = {}
@@ -382,13 +408,32 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                 chosen, full, struct_of = _select(bnn, all_sites, include, structure, args, kwargs)
                 params = {s.qualname: s.mean.detach() for s in chosen}
                 numel = sum(p.numel() for p in params.values())
+                owners = {id(s.module) for s in chosen}
+                head = (chosen[0].module if curv == "ggn" and len(owners) == 1
+                        and isinstance(chosen[0].module, nn.Linear) and {s.name for s in chosen} <= {"weight", "bias"}
+                        else None)
             leaves, spec = tree_flatten((args, kwargs))
             bsz = next((x.shape[0] for x in leaves if isinstance(x, Tensor) and x.dim() > 0), None)
             if bsz is None:
                 raise ValueError(f"batch {i} has no tensor with a batch dimension")
             batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == bsz for x in leaves]
-            with torch.no_grad(), at_means(bnn):
-                out = first_tensor(bnn(*args, **kwargs))
+            head_io: list[tuple[Tensor, Tensor]] = []
+            hook = (head.register_forward_hook(lambda m, i, o: head_io.append((i[0], o)))
+                    if head is not None else None)
+            try:
+                with torch.no_grad(), at_means(bnn):
+                    out = first_tensor(bnn(*args, **kwargs))
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if head is not None:
+                # The shortcut holds only where the head's output *is* the prediction, from 2-d input.
+                if len(head_io) == 1 and head_io[0][1] is out and head_io[0][0].dim() == 2 and out.dim() == 2:
+                    _head_curvature(sums, chosen, head_io[0][0], out, kind, full)
+                else:
+                    if n_seen:  # the first batches took the shortcut: this one cannot; start again
+                        raise RuntimeError("laplace: the last-layer shortcut stopped applying mid-pass")
+                    head = None
             y = None
             if curv == "mc":
                 logits = out.reshape(bsz, -1, out.shape[-1])
@@ -400,6 +445,10 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                                      "((x, y) tuples) to estimate the noise; or pass noise_std=")
                 sq_resid += float((out - _to(target, device).reshape(out.shape)).square().sum())
                 n_resid += out.numel()
+            if head is not None:
+                n_seen += bsz
+                advance()
+                continue
             k_rows = 1 if curv == "mc" else out[:1].numel()
             one = _per_example(_rows_fn(bnn, kind, curv, spec, batched), full)
             with at_means(bnn):

@@ -289,3 +289,21 @@ def test_dataset_size_scales_the_curvature() -> None:
     r2 = bf.laplace(bf.bayesify(net), [x], include="5", progress=False, dataset_size=24)
     torch.testing.assert_close(r2.curvature["model.5.weight"], 3 * r1.curvature["model.5.weight"])
     assert r1.n_examples == r2.n_examples == 8
+
+
+@pytest.mark.parametrize("kind", ["categorical", "normal"])
+@pytest.mark.parametrize("include", ["last_layer", "3"])
+def test_single_linear_shortcut_and_its_limit(kind: str, include: str) -> None:
+    """A last Linear whose output is the prediction takes the closed-form route (from its input
+    alone); a hidden Linear ("3") cannot, and takes the per-example route: both equal brute force."""
+    net = small_net()
+    x = torch.randn(10, 1, 4, 4, dtype=torch.float64)
+    y = torch.randn(10, 4, dtype=torch.float64)
+    ref = _brute_ggn(net, x, kind, 0.5)
+    name = "5" if include == "last_layer" else "3"
+    r = bf.laplace(bf.bayesify(net), [(x[:4], y[:4]), (x[4:], y[4:])], likelihood=kind, include=include,
+                   structure={name: "full"}, progress=False, noise_std=0.5 if kind == "normal" else None)
+    for p in ("weight", "bias"):
+        evals, evecs, shape = r.curvature[f"model.{name}.{p}"]
+        got = (evecs @ torch.diag(evals) @ evecs.T).diagonal().reshape(shape)
+        torch.testing.assert_close(got, ref[f"{name}.{p}"], rtol=1e-9, atol=1e-12)
