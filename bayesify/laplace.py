@@ -19,6 +19,9 @@ summed over the data set. What is computed, per example, with ``torch.func``:
   for many classes (language models) or large networks.
 - ``likelihood="normal"``: ``J^T J / noise_std^2`` (GGN = Fisher), ``noise_std`` given or the
   maximum-likelihood value from the residuals of the pass.
+- A selection that is one ``Linear`` whose output *is* the prediction (``include="last_layer"``
+  on a classifier head) needs no Jacobian: its GGN is ``sum_n Lambda_n (x) a_n a_n^T`` from the
+  layer's inputs ``a_n``, collected by a hook during one forward pass.
 
 The prior precision is chosen by the Laplace marginal likelihood of a zero-centred Gaussian
 prior (the weight-decay reading of the trained weights), per site (``prior_structure="site"``)
@@ -431,9 +434,7 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                 if len(head_io) == 1 and head_io[0][1] is out and head_io[0][0].dim() == 2 and out.dim() == 2:
                     _head_curvature(sums, chosen, head_io[0][0], out, kind, full)
                 else:
-                    if n_seen:  # the first batches took the shortcut: this one cannot; start again
-                        raise RuntimeError("laplace: the last-layer shortcut stopped applying mid-pass")
-                    head = None
+                    head = None  # the per-example route from here on (it computes the same quantity)
             y = None
             if curv == "mc":
                 logits = out.reshape(bsz, -1, out.shape[-1])
