@@ -57,6 +57,7 @@ FORMAT_VERSION = 1
 _META_KEY = "bayesify"
 _PROGRAM_KEY = "__bayesify__.exported_program"
 _PROGRAM_ATTR = "_bayesify_exported_program"  # the embedded program's bytes on a loaded model
+_FACTOR_PREFIX = "__bayesify__.posterior_factor."  # covariance factors of "full" Laplace sites
 
 
 # -- public -----------------------------------------------------------------------------------------
@@ -107,6 +108,8 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
     tensors, aliases = _flatten_state(state)
     if program is not None:
         tensors[_PROGRAM_KEY] = torch.frombuffer(bytearray(program), dtype=torch.uint8)
+    for name, u in (getattr(bnn, "posterior_factors", None) or {}).items():  # bf.laplace, structure "full"
+        tensors[_FACTOR_PREFIX + name] = u.detach().contiguous().cpu()
     header = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -116,6 +119,8 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
         "saved_from_device": device,
         "versions": _versions(),
     }
+    if getattr(bnn, "predictive", None):  # bf.laplace / bf.calibrate: what bf.predict uses by default
+        header["predictive"] = bnn.predictive
     _atomic_write(path, tensors, {"format": "pt", _META_KEY: json.dumps(header, sort_keys=True)})
 
 
@@ -152,6 +157,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device | dict | None
     except Exception as exc:  # noqa: BLE001 - any read failure means a damaged file
         raise ValueError(f"{path}: damaged bayesify file ({_first_line(exc)})") from None
     program = tensors.pop(_PROGRAM_KEY, None)
+    factors = {k[len(_FACTOR_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_FACTOR_PREFIX)}
     for alias, canonical in header["aliases"].items():
         if canonical not in tensors:
             raise ValueError(f"{path}: damaged bayesify file (alias {alias!r} of missing tensor {canonical!r})")
@@ -174,6 +180,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device | dict | None
                          f"tensors: {_mismatch(exc)}; pass arch= to load() to rebuild it differently") from None
     _check_ties(model, header["aliases"], path)
     _warn_nonfinite(tensors, model, path)
+    if isinstance(header.get("predictive"), dict):
+        model.predictive = header["predictive"]
+    if factors:
+        model.posterior_factors = {k: v.to(device) for k, v in factors.items()}
     return model.to(device)
 
 

@@ -267,6 +267,21 @@ def _progress(enabled: bool | None, total: int | None) -> Iterator[Callable[[], 
             bar.stop()
 
 
+def _linearized(model: VIModule, args: tuple, kwargs: dict, means: dict[str, Tensor], tangents: dict[str, Tensor],
+                chunk_size: int | None, n: int) -> Tensor:
+    """``f(x, mean) + J(x) (w_s - mean)`` ``(S, ...)`` for the drawn perturbations ``tangents``."""
+    from ._linearize import linearized_outputs
+
+    if not tangents:  # no site has a spread: every sample is the output at the means
+        from ._linearize import at_means, mean_output
+
+        with at_means(model):
+            primal = mean_output(model, {}, args, kwargs)
+        return primal.unsqueeze(0).expand(n, *primal.shape).detach()
+    primal, jt = linearized_outputs(model, args, kwargs, means, tangents, chunk_size)
+    return (primal.unsqueeze(0) + jt).detach()
+
+
 # -- public -------------------------------------------------------------------------------------
 def predict(
     model: VIModule,
@@ -279,6 +294,7 @@ def predict(
     noise_std: float | Tensor | None = None,
     keep_samples: bool = False,
     chunk_size: int | None = None,
+    linearized: bool | None = None,
 ) -> Prediction:
     """Predictive summaries of ``model`` on ``x`` from ``samples`` posterior samples.
 
@@ -304,6 +320,12 @@ def predict(
         keep_samples: also return the per-sample ``sample_probs`` / ``sample_means``.
         chunk_size: evaluate (and draw the weights of) at most this many samples at once:
             memory for many samples of a large model; on CPU the same result as without it.
+        linearized: the linearised predictive ``f(x, mean) + J(x) (w_s - mean)`` (forward-mode AD,
+            vectorised over the samples) instead of running the network on each weight sample;
+            the predictive for Laplace posterior spreads (``bf.laplace``). Default: what
+            ``bf.laplace`` / ``bf.calibrate`` recorded in ``model.predictive``, else False.
+
+    A softmax temperature chosen by ``bf.calibrate`` (``model.predictive``) divides the logits.
 
     The model runs in eval mode under ``torch.no_grad``; its train/eval modes are restored.
     """
@@ -320,22 +342,42 @@ def predict(
         raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
     noise_var = _noise_variance(noise_std, kind)
     calls, total = _batches(x, batch_size, _model_device(model))
+    settings = getattr(model, "predictive", None) or {}
+    if linearized is None:
+        linearized = bool(settings.get("linearized", False))
+    elif not isinstance(linearized, bool):
+        raise TypeError(f"linearized must be True, False or None, got {linearized!r}")
+    temperature = float(settings.get("softmax_temperature", 1.0)) if kind == "categorical" else 1.0
 
     gen = generator if generator is not None else _default_generator(model)
     start = gen.get_state() if gen is not None else None
     after_one: Tensor | None = None
     modes = [(m, m.training) for m in model.modules()]
     parts: list[dict[str, Tensor]] = []
+    tangents = means = None
     try:
         model.eval()
         with torch.no_grad(), _progress(progress, total) as advance:
+            if linearized:
+                from ._linearize import perturbations, site_means, spread_sites
+
+                factors = getattr(model, "posterior_factors", None)
+                sites = spread_sites(list(iter_sites(model)), factors)
+                means = site_means(model, sites)
+                tangents = perturbations(sites, n, gen, factors)
+                after_one = gen.get_state() if gen is not None else None
             for args, kwargs in calls:
-                if gen is not None:
-                    gen.set_state(start)  # the same weight draws for every batch
-                out = model(*args, samples=n, generator=gen, chunk_size=chunk_size, **kwargs)
-                if gen is not None and after_one is None:
-                    after_one = gen.get_state()
-                pred = first_tensor(out)
+                if linearized:
+                    pred = _linearized(model, args, kwargs, means, tangents, chunk_size, n)
+                else:
+                    if gen is not None:
+                        gen.set_state(start)  # the same weight draws for every batch
+                    out = model(*args, samples=n, generator=gen, chunk_size=chunk_size, **kwargs)
+                    if gen is not None and after_one is None:
+                        after_one = gen.get_state()
+                    pred = first_tensor(out)
+                if temperature != 1.0:
+                    pred = pred / temperature
                 if pred.dim() == 0 or pred.shape[0] != n:
                     raise ValueError(f"expected the model output to have a leading sample dimension of "
                                      f"{n}, got shape {tuple(pred.shape)}")

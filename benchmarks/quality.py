@@ -13,6 +13,11 @@ so MC dropout needs no other net) and is evaluated on the same sets:
 - **IVON**: ``bf.bayesify(net)`` with the library defaults, ``bf.optim.IVON`` and
   ``bf.NLLLoss`` (2 samples per step), the same number of steps;
 - **IVON (prior 0.3)**: the same with ``prior=bf.priors.Normal("pretrained", 0.3)``.
+- **Laplace** rows (no training): ``bf.laplace`` over the training set (all sites diagonal, or the
+  last layer with a full GGN), with and without ``bf.calibrate``, predicting with the
+  linearised predictive; **laplace-torch last-layer KFAC** (marglik, GLM predictive) as the
+  external anchor. ``bf.calibrate`` uses ``task.x_val`` / ``task.y_val`` where a task has them,
+  else the training set (which the network has fit: calibration there picks the point model).
 
 Results and the commands that produced them: docs/uncertainty.md.
 
@@ -472,6 +477,72 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("IVON (prior 0.3)", ivon_wide_prior),
 ])
 TASKS: dict[str, type[Task]] = {"digits": Digits, "gap": Gap, "diabetes": Diabetes, "minilm": MiniLM}
+
+# -- post-hoc Laplace rows: one curvature pass over the training set, no training ------------------
+def _laplace_data(task: Task) -> list[tuple[Any, Tensor]]:
+    bs = task.batch_size
+    return [(task.x_train[i:i + bs], task.y_train[i:i + bs]) for i in range(0, task.dataset_size, bs)]
+
+
+def _heldout(task: Task) -> tuple[Any, Tensor]:
+    """Calibration data: the task's validation split where it has one, else the training set (the
+    point network has fit it, so calibration there under-states uncertainty: the pessimistic case)."""
+    if getattr(task, "x_val", None) is not None:
+        return task.x_val, task.y_val
+    return task.x_train, task.y_train
+
+
+def _predict_bnn(task: Task, bnn: bf.BayesianModel, seed: int) -> Predictive:
+    @torch.no_grad()
+    def predict(x: Any) -> dict[str, Any]:
+        pred = bf.predict(bnn, x, samples=task.pred_samples, likelihood=task.likelihood,
+                          generator=torch.Generator().manual_seed(seed), **_nll_kwargs(task))
+        if task.likelihood == "categorical":
+            return {"probs": pred.probs, "entropy": pred.entropy, "mi": pred.mutual_information}
+        return {"mean": pred.mean.reshape(-1), "var": pred.variance.reshape(-1),
+                "epistemic_var": pred.epistemic_variance.reshape(-1)}
+    return predict
+
+
+def _laplace_row(calibrated: bool, **kwargs: Any) -> Callable[[Task, nn.Module, int], Predictive]:
+    def fit(task: Task, net: nn.Module, seed: int) -> Predictive:
+        bnn = task.convert(net)
+        res = bf.laplace(bnn, _laplace_data(task), task.likelihood, progress=False,
+                         generator=torch.Generator().manual_seed(seed), **kwargs)
+        if calibrated:
+            noise = {"noise_std": res.noise_std} if task.likelihood == "normal" else {}
+            bf.calibrate(bnn, _heldout(task), task.likelihood, generator=torch.Generator().manual_seed(seed), **noise)
+        return _predict_bnn(task, bnn, seed)
+    return fit
+
+
+def laplace_torch_kfac(task: Task, net: nn.Module, seed: int) -> Predictive:
+    """laplace-torch's last-layer KFAC with its marginal-likelihood prior precision (the external anchor)."""
+    from laplace import Laplace
+
+    torch.manual_seed(seed)
+    la = Laplace(net.eval(), "classification" if task.likelihood == "categorical" else "regression",
+                 subset_of_weights="last_layer", hessian_structure="kron")
+    la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(task.x_train, task.y_train),
+                                       batch_size=task.batch_size))
+    la.optimize_prior_precision(method="marglik")
+
+    @torch.no_grad()
+    def predict(x: Any) -> dict[str, Any]:
+        torch.manual_seed(seed)
+        probs = la(x, pred_type="glm", link_approx="mc", n_samples=task.pred_samples)
+        return {"probs": probs, "entropy": torch.special.entr(probs).sum(-1), "mi": None}
+    return predict
+
+
+METHODS.update([
+    ("Laplace diag", _laplace_row(False)),
+    ("Laplace diag + calibrate", _laplace_row(True)),
+    ("Laplace last layer (full)", _laplace_row(False, include="last_layer", structure={"*": "full"})),
+    ("Laplace last layer (full) + calibrate", _laplace_row(True, include="last_layer", structure={"*": "full"})),
+    ("laplace-torch last-layer KFAC", laplace_torch_kfac),
+])
+
 
 
 # -- running and tables -----------------------------------------------------------------------------

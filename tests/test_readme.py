@@ -102,6 +102,7 @@ def prelude() -> dict[str, Any]:
     ns["train_set"] = TensorDataset(x, y)
     ns["loader"] = DataLoader(ns["train_set"], batch_size=16)
     ns["test_loader"] = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=16)
+    ns["train_loader"], ns["val_loader"] = ns["loader"], ns["test_loader"]
     # 1-D regression data
     ns["x_train"] = torch.linspace(-3, 3, 64).unsqueeze(1)
     ns["y_train"] = torch.sin(ns["x_train"]) + 0.1 * torch.randn(64, 1, generator=g)
