@@ -269,14 +269,15 @@ def conv2d_kernel(xs: Tensor, x_shared: bool, w: Tensor, w_shared: bool, b: Tens
     one_shape = xs.shape[-3:]
     ho, wo = _output_size(one_shape[-2:], w.shape[-2:], *geometry)
     fixed = "gemm" if ho * wo <= GEMM_MAX_POSITIONS else "conv"
-    if not backends.autotune or torch._C._current_autograd_node() is not None:
-        # in a backward (recompute_samples): no trial there, where a CUDA backward waits on it
-        return fixed if not backends.autotune else backends._choices.get(_conv2d_key(
-            xs, x_shared, w, w_shared, b, b_shared, geometry, samples), fixed)
+    key = _conv2d_key(xs, x_shared, w, w_shared, b, b_shared, geometry, samples)
+    if not backends.autotune:
+        return backends.choose(key, {}, fixed, xs.device)  # the fixed rule (logged once per key)
+    if torch._C._current_autograd_node() is not None:
+        # in a backward (recompute_samples): no trial there (a CUDA backward would wait on it)
+        return backends.cached(key, fixed)
     rows = xs.numel() // max(1, one_shape.numel()) * (1 if not x_shared else samples)
     if (w.shape[-3] * w.shape[-2] * w.shape[-1]) * rows * ho * wo * xs.element_size() > TUNE_MAX_COLUMN_BYTES:
-        return "conv"
-    key = _conv2d_key(xs, x_shared, w, w_shared, b, b_shared, geometry, samples)
+        return "conv"  # the unfolded inputs would take too much memory
     grads = key[-1]
     x_dim, w_dim = None if x_shared else 0, None if w_shared else 0
     b_dim = None if b is None or b_shared else 0

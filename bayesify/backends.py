@@ -60,6 +60,11 @@ def trial_count() -> int:
     return _trials
 
 
+def cached(key: Hashable, default: str) -> str:
+    """The choice measured for ``key``, else ``default`` (measures nothing)."""
+    return _choices.get(key, default)
+
+
 def clear() -> None:
     """Forget every choice (the next use of each shape measures again)."""
     with _lock:
