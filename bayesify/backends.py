@@ -73,10 +73,11 @@ def clear() -> None:
         _fixed_logged.clear()
 
 
-def choose(key: Hashable, candidates: dict[str, Callable[[], Any]], fixed: str, device: torch.device) -> str:
+def choose(key: Hashable, candidates: dict[str, Callable[[], Callable[[], Any]]], fixed: str,
+           device: torch.device) -> str:
     """The kernel for ``key``: ``fixed`` (the fixed rule's pick) while :data:`autotune` is off, else
-    the candidate whose ``candidates[name]()`` (one run on its own dummy tensors: forward, or
-    forward and backward) took least time, measured once per process and key. A candidate whose
+    the candidate whose run took least time: ``candidates[name]()`` makes its dummy inputs and
+    returns the run (one forward, or forward and backward, on them), which is timed, measured once per process and key. A candidate whose
     trial raises is out (``fixed`` where all do)."""
     if not autotune:
         if key not in _fixed_logged:
@@ -106,7 +107,7 @@ def _describe(key: Hashable) -> str:
     return " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
-def _measure(candidates: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, float]:
+def _measure(candidates: dict[str, Callable[[], Callable[[], Any]]], device: torch.device) -> dict[str, float]:
     """Seconds per run of each candidate (min over :data:`REPEATS`, after one warm-up), measured in
     a helper thread: its vmap, autograd, autocast and compile state are fresh, whatever the
     calling thread is inside of (a vmapped forward, an autograd graph being recorded)."""
@@ -116,7 +117,12 @@ def _measure(candidates: dict[str, Callable[[], Any]], device: torch.device) -> 
 
     def run() -> None:
         torch.set_num_threads(threads)
-        live = dict(candidates)
+        live = {}
+        for name, make in candidates.items():  # each candidate's own dummy inputs, made before any timing
+            try:
+                live[name] = make()
+            except Exception as exc:  # noqa: BLE001
+                _log.debug("bayesify kernel %s cannot be set up for its trial: %s", name, exc)
         for rep in range(REPEATS + 1):
             for name, fn in list(live.items()):
                 try:

@@ -203,3 +203,50 @@ def test_cuda_candidates_agree_and_the_choice_is_measured_there(dtype):
                 torch.testing.assert_close(a, e, **tol)
     finally:
         backends.autotune, _batched.GEMM_MAX_POSITIONS = True, 4
+
+
+def test_choose_times_each_candidate_run_and_keeps_the_fastest():
+    # real callables: each made once, run once to warm up and REPEATS times timed; the one
+    # that sleeps 30 ms per run loses to the one that does not, whatever the machine's load
+    made: list[str] = []
+    runs: list[str] = []
+
+    def candidate(name: str, seconds: float):
+        def make():
+            made.append(name)
+
+            def run() -> None:
+                runs.append(name)
+                if seconds:
+                    threading.Event().wait(seconds)
+
+            return run
+
+        return make
+
+    key = ("test", "choose", os.getpid(), id(made))
+    choice = backends.choose(key, {"slow": candidate("slow", 0.03), "fast": candidate("fast", 0.0)}, "slow",
+                             torch.device("cpu"))
+    assert choice == "fast"
+    assert sorted(made) == ["fast", "slow"]
+    assert runs.count("slow") == runs.count("fast") == backends.REPEATS + 1
+    times = backends.choices()[key][1]
+    assert times["slow"] >= 0.03 > times["fast"]
+    # a second call: the cached choice, nothing made or run
+    assert backends.choose(key, {"slow": candidate("slow", 0.03)}, "slow", torch.device("cpu")) == "fast"
+    assert len(made) == 2 and len(runs) == 2 * (backends.REPEATS + 1)
+
+
+def test_a_candidate_that_fails_its_trial_is_out():
+    def broken():
+        def run() -> None:
+            raise RuntimeError("no kernel for this")
+
+        return run
+
+    def works():
+        return lambda: None
+
+    key = ("test", "broken", os.getpid())
+    assert backends.choose(key, {"broken": broken, "works": works}, "broken", torch.device("cpu")) == "works"
+    assert backends.choices()[key][1]["broken"] == float("inf")
