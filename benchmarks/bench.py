@@ -20,6 +20,11 @@ Run (the bench extra installs the other libraries)::
     python benchmarks/bench.py                       # all workloads, ~30 min on 2 cores
     python benchmarks/bench.py --quick               # tiny shapes, 1 repeat: a smoke run
     python benchmarks/bench.py --workloads mlp --json out.json
+    python benchmarks/bench.py --show --contenders "bayesify;ref: point, layers twice"   # machine + plan only
+    python benchmarks/bench.py --threads 1 --clock cpu ...   # CPU time: on a machine loaded by other jobs
+
+Every table's header names the machine (CPU model and flags, torch build, threads, MKL /
+oneDNN, bayesify's kernel autotune) and the floors measured in the same run.
 """
 
 from __future__ import annotations
