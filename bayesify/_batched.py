@@ -10,14 +10,16 @@ runs outside vmap), so its backward decides the gradients' layout and algorithm.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import backends
+
 __all__ = ["PointModelError", "SampleLinear", "SampleConv2d", "SampleAttention", "conv2d_by_gemm", "conv2d_gemm",
-           "kernels_apply"]
+           "conv2d_kernel", "kernels_apply"]
 
 
 class SampleLinear(torch.autograd.Function):
@@ -133,13 +135,21 @@ class _BatchedLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-#: Per-sample convolutions with at most this many output positions (``Ho * Wo``) run as one
-#: batched GEMM over unfolded inputs. There PyTorch's CPU convolution is slow: ResNet-18's
-#: 3x3 512-channel convolutions on 1x1 / 2x2 maps (a 32x32 input), 10 samples x batch 32,
-#: 2 threads: the weight gradient of the grouped convolution vmap runs takes 680 ms, the
-#: GEMM 92-99 ms (``benchmarks/bench.py`` workload ``resnet18``; the point model's own
-#: weight gradient on the 320 inputs takes 484 ms). From 16 positions up the convolution wins.
+#: The fixed rule, used while :data:`bayesify.backends.autotune` is off: per-sample convolutions
+#: with at most this many output positions (``Ho * Wo``) run as one batched GEMM over unfolded
+#: inputs. Tuned on one CPU (ResNet-18's 3x3 512-channel convolutions on 1x1 / 2x2 maps, a 32x32
+#: input, 10 samples x batch 32, 2 threads: the weight gradient of the grouped convolution vmap
+#: runs took 680 ms, the GEMM 92-99 ms), and there only: on another 2-core AMD EPYC with the same
+#: torch the point model with these GEMMs was 1.42x slower (issue 18). Hence the measurement.
 GEMM_MAX_POSITIONS = 4
+
+#: With autotune on, convolutions with at most this many output positions are candidates for the
+#: GEMM (timed against PyTorch's own rule on first use); larger maps always get PyTorch's rule.
+TUNE_MAX_POSITIONS = 64
+
+#: ... and only where the unfolded inputs of all samples take at most this many bytes (the
+#: GEMM's extra memory: ``S x C kh kw x N Ho Wo`` elements).
+TUNE_MAX_COLUMN_BYTES = 256 * 2**20
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -147,12 +157,16 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 def conv2d_by_gemm(x: Tensor, weight_shape: tuple[int, ...], stride: Any, padding: Any, dilation: Any,
-                   groups: int) -> bool:
-    """Whether a per-sample ``conv2d`` of ``x`` (one sample's input) runs as a GEMM."""
+                   groups: int, max_positions: int | None = None) -> bool:
+    """Whether a per-sample ``conv2d`` of ``x`` (one sample's input) may run as a GEMM: with at most
+    ``max_positions`` output positions (default: :data:`TUNE_MAX_POSITIONS` while autotune is on,
+    where the vmap rule then times both kernels, else :data:`GEMM_MAX_POSITIONS`)."""
     if groups != 1 or isinstance(padding, str) or x.dim() not in (3, 4):
         return False
+    if max_positions is None:
+        max_positions = TUNE_MAX_POSITIONS if backends.autotune else GEMM_MAX_POSITIONS
     ho, wo = _output_size(x.shape[-2:], weight_shape[-2:], _pair(stride), _pair(padding), _pair(dilation))
-    return ho * wo <= GEMM_MAX_POSITIONS
+    return ho * wo <= max_positions
 
 
 def _output_size(hw: Any, kernel: Any, stride: tuple[int, int], padding: tuple[int, int],
@@ -215,24 +229,96 @@ class SampleConv2d(torch.autograd.Function):
         one = x if x_dim is None else x.select(x_dim, 0)  # one sample's input
         w1 = weight if w_dim is None else weight.select(w_dim, 0)
         geometry = (_pair(stride), _pair(padding), _pair(dilation))
-        unbatched = one.dim() == 3  # one sample's input is (C, H, W)
+
+        def conv(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return F.conv2d(a, w, b, *geometry)
+
         if not conv2d_by_gemm(one, w1.shape, stride, padding, dilation, 1) or (w_dim is None and (
                 x_dim is None or b_dim is not None)):
-            def conv(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-                return F.conv2d(a, w, b, stride, padding, dilation)
-
             return torch.vmap(conv, in_dims=in_dims[:3])(x, weight, bias), 0
         xs = x if x_dim is None else x.movedim(x_dim, 0)
-        if w_dim is None:  # one weight for every sample (local reparameterisation): samples x batch
-            n = xs.shape[0] if unbatched else xs.shape[0] * xs.shape[1]
-            out = conv2d_gemm(xs.reshape(n, *one.shape[-3:]), weight, bias, *geometry)
-            return out.view(*xs.shape[:-3], *out.shape[1:]), 0
-        w = weight.movedim(w_dim, 0)
+        w = weight if w_dim is None else weight.movedim(w_dim, 0)
         b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
-        if unbatched:
-            xs = xs.unsqueeze(-4)
-        out = _BatchedConv2dGemm.apply(xs, w, b, *geometry)
-        return (out.squeeze(1) if unbatched else out), 0
+        if conv2d_kernel(xs, x_dim is None, w, w_dim is None, b, b_dim is None, geometry, info.batch_size) != "gemm":
+            return torch.vmap(conv, in_dims=in_dims[:3])(x, weight, bias), 0
+        return _conv2d_gemm_over_samples(xs, w, b, w_dim is None, one.dim() == 3, geometry), 0
+
+
+def _conv2d_gemm_over_samples(xs: Tensor, w: Tensor, b: Tensor | None, w_shared: bool, unbatched: bool,
+                              geometry: tuple) -> Tensor:
+    """The GEMM kernel on physical tensors, samples first: ``xs`` ``(S, [N,] C, H, W)`` (or one
+    sample's ``([N,] C, H, W)`` shared by all, with per-sample ``w`` only), ``w`` ``(S, O, C, kh, kw)``
+    or ``w_shared`` ``(O, C, kh, kw)`` -> ``(S, [N,] O, Ho, Wo)``."""
+    if w_shared:  # one weight for every sample (local reparameterisation): samples x batch
+        n = xs.shape[0] if unbatched else xs.shape[0] * xs.shape[1]
+        out = conv2d_gemm(xs.reshape(n, *xs.shape[-3:]), w, b, *geometry)
+        return out.view(*xs.shape[:-3], *out.shape[1:])
+    if unbatched:
+        xs = xs.unsqueeze(-4)
+    out = _BatchedConv2dGemm.apply(xs, w, b, *geometry)
+    return out.squeeze(1) if unbatched else out
+
+
+def conv2d_kernel(xs: Tensor, x_shared: bool, w: Tensor, w_shared: bool, b: Tensor | None, b_shared: bool,
+                  geometry: tuple, samples: int) -> str:
+    """``"gemm"`` or ``"conv"`` (PyTorch's own vmap rule: a grouped convolution) for a per-sample
+    ``conv2d`` of these physical tensors (samples first, as in :func:`_conv2d_gemm_over_samples`):
+    the fixed rule while autotune is off, else the faster of the two, timed once per process for
+    these shapes, dtype, device and the gradients needed (:mod:`bayesify.backends`)."""
+    unbatched = xs.dim() - (not x_shared) == 3
+    one_shape = xs.shape[-3:]
+    ho, wo = _output_size(one_shape[-2:], w.shape[-2:], *geometry)
+    fixed = "gemm" if ho * wo <= GEMM_MAX_POSITIONS else "conv"
+    key = _conv2d_key(xs, x_shared, w, w_shared, b, b_shared, geometry, samples)
+    if not backends.autotune:
+        return backends.choose(key, {}, fixed, xs.device)  # the fixed rule (logged once per key)
+    if torch._C._current_autograd_node() is not None:
+        # in a backward (recompute_samples): no trial there (a CUDA backward would wait on it)
+        return backends.cached(key, fixed)
+    rows = xs.numel() // max(1, one_shape.numel()) * (1 if not x_shared else samples)
+    if (w.shape[-3] * w.shape[-2] * w.shape[-1]) * rows * ho * wo * xs.element_size() > TUNE_MAX_COLUMN_BYTES:
+        return "conv"  # the unfolded inputs would take too much memory
+    grads = key[-1]
+    x_dim, w_dim = None if x_shared else 0, None if w_shared else 0
+    b_dim = None if b is None or b_shared else 0
+    shapes, dtype, device = (tuple(xs.shape), tuple(w.shape), None if b is None else tuple(b.shape)), xs.dtype, xs.device
+
+    def trial(kernel: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Callable[[], Callable[[], Any]]:
+        def make() -> Callable[[], Any]:
+            g = torch.Generator(device).manual_seed(0)
+            leaves = [None if s is None else torch.randn(s, dtype=dtype, device=device, generator=g)
+                      .requires_grad_(need) for s, need in zip(shapes, grads)]
+            wanted = [t for t, need in zip(leaves, grads) if t is not None and need]
+
+            def run() -> None:
+                with torch.set_grad_enabled(bool(wanted)):
+                    out = kernel(*leaves)
+                    if wanted:
+                        torch.autograd.grad(out, wanted, torch.ones_like(out))
+
+            return run
+
+        return make
+
+    candidates = {
+        "conv": trial(lambda a, ww, bb: torch.vmap(lambda p, q, r: F.conv2d(p, q, r, *geometry),
+                                                   in_dims=(x_dim, w_dim, b_dim))(a, ww, bb)),
+        "gemm": trial(lambda a, ww, bb: _conv2d_gemm_over_samples(a, ww, bb, w_shared, unbatched, geometry)),
+    }
+    return backends.choose(key, candidates, fixed, device)
+
+
+def _conv2d_key(xs: Tensor, x_shared: bool, w: Tensor, w_shared: bool, b: Tensor | None, b_shared: bool,
+                geometry: tuple, samples: int) -> tuple:
+    """What a conv2d kernel choice is cached under: shapes and layout, geometry, sample count,
+    dtype, device and which of input, weight, bias need a gradient (none under ``no_grad``)."""
+    grad = torch.is_grad_enabled()
+    grads = tuple(t is not None and grad and t.requires_grad for t in (xs, w, b))
+    bias = None if b is None else ("shared" if b_shared else "per sample")
+    return ("conv2d", f"x{tuple(xs.shape)}{' shared' if x_shared else ''}",
+            f"w{tuple(w.shape)}{' shared' if w_shared else ''}", f"bias {bias}", f"stride {geometry[0]}",
+            f"padding {geometry[1]}", f"dilation {geometry[2]}", f"S={samples}", str(xs.dtype), str(xs.device),
+            grads)
 
 
 class _BatchedConv2dGemm(torch.autograd.Function):

@@ -21,6 +21,11 @@ Run (the bench extra installs the other libraries)::
     python benchmarks/bench.py --quick               # tiny shapes, 1 repeat: a smoke run
     python benchmarks/bench.py --workloads mlp --json out.json
     python benchmarks/bench.py --optimizer-step      # IVON step vs the point model's Adam step
+    python benchmarks/bench.py --show --contenders "bayesify;ref: point, layers twice"   # machine + plan only
+    python benchmarks/bench.py --threads 1 --clock cpu ...   # CPU time: on a machine loaded by other jobs
+
+Every table's header names the machine (CPU model and flags, torch build, threads, MKL /
+oneDNN, bayesify's kernel autotune) and the floors measured in the same run.
 """
 
 from __future__ import annotations
@@ -233,7 +238,7 @@ class _GemmConv(nn.Module):
 
         c = self.conv
         if c.padding_mode != "zeros" or not _batched.conv2d_by_gemm(x, c.weight.shape, c.stride, c.padding,
-                                                                    c.dilation, c.groups):
+                                                                    c.dilation, c.groups, _batched.GEMM_MAX_POSITIONS):
             return c(x)
         return _batched.conv2d_gemm(x, c.weight, c.bias, c.stride, c.padding, c.dilation)
 
@@ -259,6 +264,35 @@ class BayesifyRunner(Runner):
 
     def loss(self) -> torch.Tensor:
         return self.loss_fn(self.forward(), self.y)
+
+
+class AutotuneRunner(BayesifyRunner):
+    """The default conversion with ``bayesify.backends.autotune`` on: small-map convolution kernels
+    chosen by timing once per shape (the default is the fixed rule, GEMM at <= ``GEMM_MAX_POSITIONS``
+    output positions), the A/B partner of ``bayesify``, interleaved with it in the same run."""
+
+    def eval_forward(self) -> None:
+        with _autotune(True):
+            super().eval_forward()
+
+    def train_step(self) -> None:
+        with _autotune(True):
+            super().train_step()
+
+
+class _autotune:
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        from bayesify import backends
+
+        self.was, backends.autotune = backends.autotune, self.on
+
+    def __exit__(self, *exc: Any) -> None:
+        from bayesify import backends
+
+        backends.autotune = self.was
 
 
 class RecomputeRunner(BayesifyRunner):
@@ -335,6 +369,10 @@ class Contender:
     workloads: tuple[str, ...] | None = None  # None: every workload
 
 
+#: The reference kept in every run beside the point model (``--contenders`` cannot drop it): what
+#: drawing the weight noise alone costs, so each ratio can be read against it.
+NOISE_FLOOR = "ref: point + weight noise"
+
 CONTENDERS = [
     Contender("point (10xB)", copy.deepcopy, PointRunner, "the floor: the point model on the 10 x B batch"),
     Contender("ref: point + weight noise", copy.deepcopy, NoiseFloorRunner,
@@ -345,6 +383,8 @@ CONTENDERS = [
               "reference: the point model on 10xB with convolutions of <= 4 output positions computed as "
               "bayesify's per-sample ones (one GEMM over the unfolded input)", ("resnet18",)),
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
+    Contender("bayesify, autotune", _bayesify(None), AutotuneRunner,
+              "bf.bayesify(model) with bayesify.backends.autotune = True (kernels chosen by measurement)"),
     Contender("bayesify recompute", _bayesify(None), RecomputeRunner,
               "bf.bayesify(model), forward with recompute_samples=True"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),
@@ -355,6 +395,113 @@ CONTENDERS = [
     Contender("bayesian-torch", _bayesian_torch, BayesianTorchRunner,
               "dnn_to_bnn with MOPED, a loop of 10 forwards"),
 ]
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+#: CPU flags shown in the tables (all of them go to ``--json``): the ones PyTorch's CPU kernels dispatch on.
+SHOWN_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+               "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "sve", "neon", "asimd")
+
+
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, Any]:
+    """CPU model and flags from ``/proc/cpuinfo`` (the first processor's; empty where unreadable)."""
+    model, flags = "", []
+    try:
+        with open(path) as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key, value = key.strip().lower(), value.strip()
+                if not model and key in ("model name", "cpu model", "hardware"):
+                    model = value
+                elif not flags and key in ("flags", "features"):
+                    flags = value.split()
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(), "flags": flags}
+
+
+def machine_info() -> dict[str, Any]:
+    """What a timing depends on besides the code: CPU, torch build, threads, BLAS / oneDNN."""
+    cpu = _cpuinfo()
+    info: dict[str, Any] = {
+        "cpu_model": cpu["model"],
+        "cpu_flags": cpu["flags"],
+        "cpu_flags_shown": [f for f in SHOWN_FLAGS if f in cpu["flags"]],
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "torch_cuda": torch.version.cuda,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "mkl": torch.backends.mkl.is_available(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "openmp": torch.backends.openmp.is_available(),
+        "python": platform.python_version(),
+    }
+    try:
+        from bayesify import backends
+
+        info["bayesify_autotune"] = backends.autotune
+    except ImportError:  # an older bayesify: the fixed rule
+        info["bayesify_autotune"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One line naming the machine, for every table's header."""
+    flags = " ".join(info["cpu_flags_shown"]) or "none of " + "/".join(SHOWN_FLAGS[:4])
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    return (f"machine: {info['cpu_model']} ({info['cpus']} CPUs; flags {flags}; dispatch {info['cpu_capability']}){gpu}; "
+            f"torch {info['torch']} (git {str(info['torch_git'])[:10]}, CUDA {info['torch_cuda']}), "
+            f"{info['threads']} threads, MKL {'yes' if info['mkl'] else 'no'}, "
+            f"oneDNN {'yes' if info['mkldnn'] else 'no'}; bayesify autotune {info.get('bayesify_autotune')}")
+
+
+def parse_contenders(specs: list[str], known: list[str]) -> list[str]:
+    """Contender names from ``--contenders`` / ``--contender`` values, in order, without repeats.
+
+    Each value is a JSON list of names (``'["bayesify", "ref: point, layers twice"]'``), or names
+    separated by ``;``, or (as before) by commas: there a run of comma-separated pieces that
+    together spell a known name is that name, so ``"bayesify,ref: point, layers twice"`` selects
+    both. Raises ``ValueError`` naming the unknown ones."""
+    names: list[str] = []
+    for spec in specs:
+        spec = spec.strip()
+        if spec.startswith("["):
+            try:
+                items = json.loads(spec)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--contenders: expected a JSON list of names, got {spec!r} ({exc})") from None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError(f"--contenders: expected a JSON list of strings, got {spec!r}")
+            parts = [i.strip() for i in items]
+        elif ";" in spec:
+            parts = [p.strip() for p in spec.split(";")]
+        elif spec in known:
+            parts = [spec]
+        else:
+            pieces, parts, i = spec.split(","), [], 0
+            while i < len(pieces):
+                for j in range(len(pieces), i, -1):  # the longest run of pieces that is a name
+                    joined = ",".join(pieces[i:j]).strip()
+                    if joined in known:
+                        parts.append(joined)
+                        i = j
+                        break
+                else:
+                    parts.append(pieces[i].strip())
+                    i += 1
+        names += [p for p in parts if p and p not in names]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown contender(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(map(repr, known))}")
+    return names
 
 
 # --- measurement --------------------------------------------------------------------------------
@@ -375,14 +522,21 @@ class Cell:
         return None if self.error or not self.times else statistics.median(self.times)
 
 
+#: The clock of every timing: ``wall`` (``time.perf_counter``) or ``cpu`` (``time.process_time``, this
+#: process's CPU time over all its threads: on a machine loaded by other jobs, with ``--threads 1``,
+#: the time the work itself took). ``--clock`` sets it.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def _timed(fn: Callable[[], Any], cell: Cell) -> None:
     if cell.error:
         return
     try:
         gc.collect()
-        start = time.perf_counter()
+        start = _clock()
         fn()
-        cell.times.append(time.perf_counter() - start)
+        cell.times.append(_clock() - start)
     except Exception as exc:  # noqa: BLE001 - a failing library is a result, not a crash
         cell.error = _fail(exc)
 
@@ -421,7 +575,8 @@ def bench_workload(w: Workload, contenders: list[Contender], repeats: int, quick
             _timed(r.train_step, tr[c.name])
         print(f"  [{w.name}] repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
     convert[names[0]] = convert["deepcopy"]
-    return {"convert": convert, "eval": ev, "train": tr, "batch": batch, "quick": quick}
+    return {"convert": convert, "eval": ev, "train": tr, "batch": batch, "quick": quick, "repeats": repeats,
+            "clock": next(k for k, v in CLOCKS.items() if v is _clock)}
 
 
 def _status_kb() -> dict[str, int]:
@@ -515,7 +670,20 @@ def _ratio(value: float | None, ref: float | None) -> str:
     return "-" if value is None or not ref else f"{value / ref:.2f}x"
 
 
-def table(w: Workload, res: dict, mem: dict[str, dict] | None) -> str:
+def floors_line(res: dict) -> str:
+    """The floors measured in this run, for the header of its table: the point model and the noise floor."""
+    names = list(res["eval"])
+    point = names[0]
+    ref = {k: res[k][point].median() for k in ("eval", "train")}
+    parts = []
+    for n in [point] + [n for n in names if n == NOISE_FLOOR]:
+        cells = [res[k][n].error or f"{k} {res[k][n].median() * 1e3:.0f} ms ({_ratio(res[k][n].median(), ref[k])})"
+                 for k in ("eval", "train")]
+        parts.append(f"{n}: " + ", ".join(cells))
+    return "floors measured in this run: " + "; ".join(parts)
+
+
+def table(w: Workload, res: dict, mem: dict[str, dict] | None, machine: str = "") -> str:
     names = list(res["eval"])
     point = names[0]
     ref = {k: res[k][point].median() for k in ("eval", "train")}
@@ -523,8 +691,12 @@ def table(w: Workload, res: dict, mem: dict[str, dict] | None) -> str:
     ref_mem = (mem or {}).get(point, {}).get("peak_mb")
     head = "| contender | convert (vs deepcopy) | eval fwd, 10 samples | train step, 10 samples | train peak MB |"
     quick = " (--quick: tiny shapes, no warm-up, one repeat)" if res["quick"] else ""
-    lines = [f"**{w.title}**{quick}, floor: the point model on 10x{res['batch']}", "", head,
-             "|---|---:|---:|---:|---:|"]
+    clock = res.get("clock", "wall")
+    lines = [f"**{w.title}**{quick}, floor: the point model on 10x{res['batch']}; {clock}-clock medians of "
+             f"{res.get('repeats', '?')}", ""]
+    if machine:
+        lines += [machine, ""]
+    lines += [floors_line(res), "", head, "|---|---:|---:|---:|---:|"]
     for n in names:
         cells = []
         c = res["convert"][n]
@@ -622,14 +794,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--memory-repeats", type=int, default=1, metavar="N",
                     help="fresh subprocesses per contender for the peak memory (median reported)")
-    ap.add_argument("--contenders", help="comma-separated contender names to run (the point model always runs: "
-                    "it is the reference); default: all")
+    ap.add_argument("--contenders", action="append", default=[], metavar="NAMES",
+                    help="contender names to run: separated by ';', or a JSON list, or (names without commas) by "
+                    "commas; repeatable. The point model and the noise floor always run (the references); default: all")
+    ap.add_argument("--contender", action="append", default=[], metavar="NAME",
+                    help="one contender name, exactly (may contain commas); repeatable")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall (perf_counter) or cpu (process_time: CPU time of this process; use with --threads 1 "
+                    "on a loaded machine)")
+    ap.add_argument("--show", action="store_true",
+                    help="print the machine and the contenders each workload would run, then exit (no timings)")
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     ap.add_argument("--optimizer-step", action="store_true",
                     help="only the IVON-step-vs-Adam-step rows (1 sample, same batch) for --workloads")
     ap.add_argument("--_memory", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
+    global _clock
+    _clock = CLOCKS[opts.clock]
     if opts._memory:
         print(json.dumps(_memory_child(*opts._memory, opts.quick, opts.threads)))
         return {}
@@ -638,13 +820,16 @@ def main(argv: list[str] | None = None) -> dict:
         if n not in WORKLOADS:
             ap.error(f"unknown workload {n!r}; choose from {', '.join(WORKLOADS)}")
     chosen = None
-    if opts.contenders:
-        chosen = {c.strip() for c in opts.contenders.split(",") if c.strip()}
-        unknown = chosen - {c.name for c in CONTENDERS}
+    if opts.contenders or opts.contender:
+        known = [c.name for c in CONTENDERS]
+        try:
+            chosen = set(parse_contenders(opts.contenders, known))
+        except ValueError as exc:
+            ap.error(str(exc))
+        unknown = [c for c in opts.contender if c not in known]
         if unknown:
-            ap.error(f"unknown contender(s) {', '.join(sorted(unknown))}; choose from "
-                     f"{', '.join(repr(c.name) for c in CONTENDERS)}")
-        chosen.add(CONTENDERS[0].name)
+            ap.error(f"unknown contender(s) {', '.join(map(repr, unknown))}; choose from {', '.join(map(repr, known))}")
+        chosen |= set(opts.contender) | {CONTENDERS[0].name, NOISE_FLOOR}
     repeats = 1 if opts.quick else opts.repeats
     if opts.optimizer_step:
         out = {}
@@ -652,25 +837,32 @@ def main(argv: list[str] | None = None) -> dict:
             out[n] = bench_optimizer_step(WORKLOADS[n], max(repeats, 3), opts.quick)
             print("\n" + optimizer_table(WORKLOADS[n], out[n]) + "\n", flush=True)
         return out
+    machine = machine_info()
     env = {"torch": torch.__version__, "threads": opts.threads, "cpus": os.cpu_count(),
-           "machine": platform.processor() or platform.machine(), "samples": SAMPLES, "repeats": repeats,
-           "quick": opts.quick, "load_start": _load()}
-    print(f"# torch {env['torch']}, {opts.threads} threads, {env['cpus']} CPUs, samples={SAMPLES}, "
-          f"median of {repeats}; load average at start {env['load_start']}", flush=True)
+           "machine": machine["cpu_model"], "machine_info": machine, "samples": SAMPLES, "repeats": repeats,
+           "quick": opts.quick, "clock": opts.clock, "load_start": _load()}
+    print(f"# {machine_line(machine)}", flush=True)
+    print(f"# samples={SAMPLES}, {opts.clock}-clock median of {repeats}; load average at start {env['load_start']}",
+          flush=True)
+    plan = {n: [c for c in CONTENDERS if (c.workloads is None or n in c.workloads)
+                and (chosen is None or c.name in chosen)] for n in names}
+    if opts.show:
+        for n in names:
+            print(f"{n}: " + "; ".join(c.name for c in plan[n]))
+        return {"env": env, "plan": {n: [c.name for c in cs] for n, cs in plan.items()}}
     report: dict[str, Any] = {"env": env, "workloads": {}}
     for n in names:
         w = WORKLOADS[n]
-        contenders = [c for c in CONTENDERS if (c.workloads is None or n in c.workloads)
-                      and (chosen is None or c.name in chosen)]
+        contenders = plan[n]
         res = bench_workload(w, contenders, repeats, opts.quick)
         _release()  # the runners are gone; their memory goes back before the memory subprocesses
         print(f"  [{n}] resident after the timings: {_status_kb()['VmRSS'] / 1024:.0f} MB", file=sys.stderr, flush=True)
         mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in contenders],
                                                                          opts.quick, opts.threads,
                                                                          opts.memory_repeats)
-        print("\n" + table(w, res, mem) + "\n", flush=True)
+        print("\n" + table(w, res, mem, machine_line(machine)) + "\n", flush=True)
         report["workloads"][n] = {
-            "title": w.title, "batch": res["batch"],
+            "title": w.title, "batch": res["batch"], "clock": res["clock"], "machine": machine_line(machine),
             **{k: {c: {"median_s": cell.median(), "times_s": cell.times, "error": cell.error}
                    for c, cell in res[k].items()} for k in ("convert", "eval", "train")},
             "memory": mem,

@@ -1,0 +1,261 @@
+"""Kernel choices by measurement (bayesify.backends): cached per process and thread-safe, off by a
+flag, logged, and every candidate kernel gives the same outputs and gradients."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayesify as bf
+from bayesify import _batched, backends
+
+
+@pytest.fixture(autouse=True)
+def _autotune_on(monkeypatch):
+    """Off by default (bayesify.backends); these tests are about the measured choice."""
+    monkeypatch.setattr(backends, "autotune", True)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _conv_model(c: int, o: int) -> nn.Module:
+    # a 2x2 map into the 3x3 convolution: 4 output positions (a candidate for the GEMM)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(c, o, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * o, 3))
+
+
+def _step(bnn: nn.Module, x: torch.Tensor, samples: int = 3):
+    torch.manual_seed(0)  # the local estimator's output noise comes from the global generator
+    if x.is_cuda:
+        out = bnn(x, samples=samples)
+    else:
+        out = bnn(x, samples=samples, generator=_gen(0))
+    grads = torch.autograd.grad(out.sum() + out.log_probs.sum(), [p for p in bnn.parameters() if p.requires_grad])
+    return out, grads
+
+
+def test_choice_is_measured_once_per_shape_and_cached(caplog):
+    bnn = bf.bayesify(_conv_model(5, 7))  # channel counts no other test uses: a shape new to this process
+    x = torch.randn(4, 5, 2, 2)
+    before = backends.trial_count()
+    with caplog.at_level(logging.DEBUG, logger="bayesify"):
+        _step(bnn, x)
+    first = backends.trial_count()
+    assert first == before + 1  # one convolution, one measurement
+    logged = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
+    assert len(logged) == 1 and "w(3, 7, 5, 3, 3)" in logged[0] and "S=3" in logged[0], logged
+    key, (choice, times) = next((k, v) for k, v in backends.choices().items() if "w(3, 7, 5, 3, 3)" in k[2])
+    assert choice in ("gemm", "conv") and set(times) == {"gemm", "conv"}
+    assert f": {choice} (measured" in logged[0]
+    assert times[choice] == min(times.values())
+    for _ in range(2):  # the same shapes again: the cached choice, no trial
+        _step(bnn, x)
+    assert backends.trial_count() == first
+    _step(bnn, x, samples=5)  # another sample count is another key
+    assert backends.trial_count() == first + 1
+    with torch.no_grad():  # no gradients needed: a forward-only trial, another key
+        bnn(x, samples=5)
+    assert backends.trial_count() == first + 2
+
+
+def test_flag_off_uses_the_fixed_rule_without_trials(monkeypatch, caplog):
+    monkeypatch.setattr(backends, "autotune", False)
+    bnn = bf.bayesify(_conv_model(6, 9))
+    before = backends.trial_count()
+    with caplog.at_level(logging.DEBUG, logger="bayesify"):
+        _step(bnn, torch.randn(2, 6, 2, 2))
+    assert backends.trial_count() == before
+    assert not any("w(3, 9, 6, 3, 3)" in k[2] for k in backends.choices())
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("w(3, 9, 6, 3, 3)" in m and ": gemm (fixed rule" in m for m in msgs), msgs
+    # the 8x8 map is over the fixed rule's GEMM_MAX_POSITIONS: not even routed to the per-sample kernel
+    assert not _batched.conv2d_by_gemm(torch.empty(2, 6, 8, 8), (9, 6, 3, 3), 1, 1, 1, 1)
+    monkeypatch.setattr(backends, "autotune", True)
+    assert _batched.conv2d_by_gemm(torch.empty(2, 6, 8, 8), (9, 6, 3, 3), 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("off", False), ("1", True), (None, False)])
+def test_environment_variable_sets_the_flag(value, expected):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("BAYESIFY_AUTOTUNE", None)
+    if value is not None:
+        env["BAYESIFY_AUTOTUNE"] = value
+    out = subprocess.run([sys.executable, "-c", "import bayesify as bf; print(bf.backends.autotune)"],
+                         capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert out.stdout.strip() == str(expected)
+
+
+def test_cache_is_thread_safe():
+    # threads meeting a new shape at once: one measurement, one choice for all, no error
+    models = [bf.bayesify(_conv_model(7, 5)) for _ in range(4)]  # own model per thread, the same shapes
+    x = torch.randn(3, 7, 2, 2)
+    before = backends.trial_count()
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+    results: list[torch.Tensor] = []
+
+    def work(model: nn.Module) -> None:
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                results.append(model(x, samples=2, generator=_gen(1)))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert backends.trial_count() == before + 1
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0])
+
+
+def test_no_trial_under_autocast():
+    bnn = bf.bayesify(_conv_model(3, 11))
+    before = backends.trial_count()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bnn(torch.randn(2, 3, 2, 2), samples=2)
+    (out.float().sum() + out.log_probs.sum()).backward()
+    assert backends.trial_count() == before
+
+
+# (in, out, H, W, kernel, stride, padding, dilation): 1, 4, 4, 16 and 64 output positions
+GEOMETRIES = [(4, 5, 1, 1, 3, 1, 1, 1), (4, 5, 2, 2, 3, 1, 1, 1), (3, 2, 4, 4, (1, 2), 2, (0, 1), 1),
+              (4, 6, 4, 4, 3, 1, 1, 1), (3, 4, 8, 8, 3, 1, 2, 2)]
+LAYOUTS = [  # (x, weight, bias): "S" per sample, "1" shared by the samples, None absent
+    ("S", "S", "S"), ("S", "S", "1"), ("S", "S", None), ("1", "S", "S"), ("1", "S", None), ("S", "1", None),
+    ("S", "1", "1")]
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_every_candidate_kernel_gives_the_default_outputs_and_gradients(geometry, layout, unbatched):
+    c, o, h, w_, k, stride, padding, dilation = geometry
+    geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
+    kh, kw = _batched._pair(k)
+    s, n = 3, 2
+    g = _gen(2)
+    one = (c, h, w_) if unbatched else (n, c, h, w_)
+    lx, lw, lb = layout
+    x = torch.randn((s, *one) if lx == "S" else one, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((s, o, c, kh, kw) if lw == "S" else (o, c, kh, kw), generator=g, dtype=torch.float64,
+                    requires_grad=True)
+    b = None if lb is None else torch.randn((s, o) if lb == "S" else (o,), generator=g, dtype=torch.float64,
+                                            requires_grad=True)
+    inputs = [t for t in (x, w, b) if t is not None]
+    dims = tuple(None if t is None or lay != "S" else 0 for t, lay in zip((x, w, b), layout))
+    want = torch.vmap(lambda a, ww, bb: F.conv2d(a, ww, bb, *geo), in_dims=dims)(x, w, b)  # PyTorch's rule
+    got = _batched._conv2d_gemm_over_samples(x, w, b, lw == "1", unbatched, geo)
+    torch.testing.assert_close(got, want)
+    up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(got, inputs, up), torch.autograd.grad(want, inputs, up)):
+        torch.testing.assert_close(a, e)
+    # and through SampleConv2d's vmap rule, whichever kernel is chosen for these shapes
+    via_rule = torch.vmap(lambda a, ww, bb: _batched.SampleConv2d.apply(a, ww, bb, *geo), in_dims=dims)(x, w, b)
+    torch.testing.assert_close(via_rule, want)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "flipout"])
+def test_model_step_is_the_same_with_either_kernel(monkeypatch, estimator):
+    # the fixed rule forced each way (every small-map convolution a GEMM / none), and the tuned choice.
+    # (Not "local": its output noise, randn_like of the layer's output, follows the output's
+    # memory layout, which differs between the kernels: the same distribution, other draws.)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 6, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(24, 2))
+    bnn = bf.bayesify(model, estimator=estimator)
+    x = torch.randn(4, 3, 4, 4)
+    out, grads = _step(bnn, x)
+    monkeypatch.setattr(backends, "autotune", False)
+    for positions in (0, 64):
+        monkeypatch.setattr(_batched, "GEMM_MAX_POSITIONS", positions)
+        ref, ref_grads = _step(bnn, x)
+        torch.testing.assert_close(out, ref)
+        for a, e in zip(grads, ref_grads):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_candidates_agree_and_the_choice_is_measured_there(dtype):
+    bnn = bf.bayesify(_conv_model(5, 13)).to(device="cuda", dtype=dtype)
+    x = torch.randn(4, 5, 2, 2, device="cuda", dtype=dtype)
+    before = backends.trial_count()
+    out, grads = _step(bnn, x)
+    assert backends.trial_count() == before + 1
+    assert any("cuda" in k[9] and "w(3, 13, 5, 3, 3)" in k[2] for k in backends.choices())
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    try:
+        backends.autotune = False
+        for positions in (0, 64):
+            _batched.GEMM_MAX_POSITIONS = positions
+            ref, ref_grads = _step(bnn, x)
+            torch.testing.assert_close(out, ref, **tol)
+            for a, e in zip(grads, ref_grads):
+                torch.testing.assert_close(a, e, **tol)
+    finally:
+        backends.autotune, _batched.GEMM_MAX_POSITIONS = True, 4
+
+
+def test_choose_times_each_candidate_run_and_keeps_the_fastest():
+    # real callables: each made once, run once to warm up and REPEATS times timed; the one
+    # that sleeps 30 ms per run loses to the one that does not, whatever the machine's load
+    made: list[str] = []
+    runs: list[str] = []
+
+    def candidate(name: str, seconds: float):
+        def make():
+            made.append(name)
+
+            def run() -> None:
+                runs.append(name)
+                if seconds:
+                    threading.Event().wait(seconds)
+
+            return run
+
+        return make
+
+    key = ("test", "choose", os.getpid(), id(made))
+    choice = backends.choose(key, {"slow": candidate("slow", 0.03), "fast": candidate("fast", 0.0)}, "slow",
+                             torch.device("cpu"))
+    assert choice == "fast"
+    assert sorted(made) == ["fast", "slow"]
+    assert runs.count("slow") == runs.count("fast") == backends.REPEATS + 1
+    times = backends.choices()[key][1]
+    assert times["slow"] >= 0.03 > times["fast"]
+    # a second call: the cached choice, nothing made or run
+    assert backends.choose(key, {"slow": candidate("slow", 0.03)}, "slow", torch.device("cpu")) == "fast"
+    assert len(made) == 2 and len(runs) == 2 * (backends.REPEATS + 1)
+
+
+def test_a_candidate_that_fails_its_trial_is_out():
+    def broken():
+        def run() -> None:
+            raise RuntimeError("no kernel for this")
+
+        return run
+
+    def works():
+        return lambda: None
+
+    key = ("test", "broken", os.getpid())
+    assert backends.choose(key, {"broken": broken, "works": works}, "broken", torch.device("cpu")) == "works"
+    assert backends.choices()[key][1]["broken"] == float("inf")

@@ -1,0 +1,119 @@
+"""benchmarks/bench.py's command line: contender names with commas, the machine in every header.
+No timings here (``--show`` prints the plan and exits)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bayesify_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _known(bench) -> list[str]:
+    return [c.name for c in bench.CONTENDERS]
+
+
+@pytest.mark.parametrize("specs, expected", [
+    (["bayesify,bayesify local"], ["bayesify", "bayesify local"]),  # the old comma form
+    (["ref: point, layers twice"], ["ref: point, layers twice"]),
+    (["bayesify,ref: point, layers twice,torch_blue"], ["bayesify", "ref: point, layers twice", "torch_blue"]),
+    (["bayesify; ref: point, layers twice"], ["bayesify", "ref: point, layers twice"]),
+    (['["ref: point, layers twice", "bayesify, autotune"]'],
+     ["ref: point, layers twice", "bayesify, autotune"]),
+    (["bayesify", "bayesify;bayesify local"], ["bayesify", "bayesify local"]),  # repeated, no duplicates
+])
+def test_contender_names_with_commas_can_be_selected(bench, specs, expected):
+    assert bench.parse_contenders(specs, _known(bench)) == expected
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["bayesify,nope"], "unknown contender(s) 'nope'"),
+    (["ref: point; layers twice"], "unknown contender(s) 'ref: point', 'layers twice'"),
+    (['["bayesify"'], "expected a JSON list of names"),
+    (['[1, 2]'], "expected a JSON list of strings"),
+])
+def test_unknown_contenders_are_named(bench, specs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench.parse_contenders(specs, _known(bench))
+
+
+def test_cpuinfo_reads_model_and_flags(bench, tmp_path):
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
+            "flags\t\t: fpu sse4_2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert bench._cpuinfo(str(path)) == {"model": "AMD EPYC 7B13", "flags": ["fpu", "sse4_2", "avx", "avx2", "fma"]}
+    arm = tmp_path / "cpuinfo_arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n")
+    assert bench._cpuinfo(str(arm))["flags"] == ["fp", "asimd", "sve"]
+
+
+def test_machine_info_describes_this_machine(bench):
+    info = bench.machine_info()
+    assert info["threads"] == torch.get_num_threads()
+    assert info["torch"] == torch.__version__
+    assert info["mkl"] == torch.backends.mkl.is_available()
+    assert info["mkldnn"] == torch.backends.mkldnn.is_available()
+    assert info["cpu_model"]
+    assert set(info["cpu_flags_shown"]) <= set(info["cpu_flags"])
+    line = bench.machine_line(info)
+    assert info["cpu_model"] in line and f"{torch.get_num_threads()} threads" in line and torch.__version__ in line
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_show_prints_the_machine_and_the_chosen_contenders(tmp_path):
+    proc = _cli("--show", "--threads", "1", "--workloads", "mlp,resnet18", "--contenders", "ref: point, layers twice",
+                "--contender", "bayesify, autotune")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("# machine: ") and "1 threads" in lines[0] and "MKL" in lines[0]
+    plan = dict(line.split(": ", 1) for line in lines if line.startswith(("mlp:", "resnet18:")))
+    # the point model and the noise floor always run beside the chosen ones
+    assert plan["mlp"].split("; ") == ["point (10xB)", "ref: point + weight noise", "ref: point, layers twice",
+                                       "bayesify, autotune"]
+    assert plan["resnet18"] == plan["mlp"]
+
+
+def test_unknown_contender_is_a_usage_error():
+    proc = _cli("--show", "--contenders", "bayesify;no such thing")
+    assert proc.returncode == 2
+    assert "unknown contender(s) 'no such thing'" in proc.stderr
+
+
+def test_table_header_names_machine_and_floors(bench):
+    cell = bench.Cell
+    res = {"eval": {"point (10xB)": cell([0.1]), "ref: point + weight noise": cell([0.3]), "bayesify": cell([0.5])},
+           "train": {"point (10xB)": cell([1.0]), "ref: point + weight noise": cell([2.0]), "bayesify": cell([2.5])},
+           "convert": {"deepcopy": cell([0.01]), "point (10xB)": cell([0.01]),
+                       "ref: point + weight noise": cell([0.01]), "bayesify": cell([0.02])},
+           "batch": 32, "quick": False, "repeats": 3, "clock": "cpu"}
+    text = bench.table(bench.WORKLOADS["mlp"], res, None, "machine: test CPU")
+    assert "machine: test CPU" in text and "cpu-clock medians of 3" in text
+    assert ("floors measured in this run: point (10xB): eval 100 ms (1.00x), train 1000 ms (1.00x); "
+            "ref: point + weight noise: eval 300 ms (3.00x), train 2000 ms (2.00x)") in text
+    assert "| bayesify | 20 ms (2.00x) | 500 ms (5.00x) | 2500 ms (2.50x) | - |" in text
+    json.dumps(bench.machine_info())  # the JSON report holds it
