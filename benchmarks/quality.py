@@ -22,13 +22,14 @@ so MC dropout needs no other net) and is evaluated on the same sets:
   external anchor. ``bf.calibrate`` uses ``task.x_val`` / ``task.y_val`` where a task has them,
   else the training set (which the network has fit: calibration there picks the point model).
 
-Validation split: ``digits`` carves 20 % of its training split (stratified, fixed) into
-``task.x_val`` / ``task.y_val`` *before* any pretraining. Every method (pretraining, ensemble
-members, fine-tunes, Laplace passes) sees only the remaining training data; only the
-"+ calibrate" rows read the validation split, and no method is evaluated on it. The test sets
-(in-distribution test, shifted, OOD) are unchanged. ``gap``, ``diabetes`` and ``minilm`` have no
-validation split yet (their "+ calibrate" rows fall back to the training set; the trained-posterior
-"+ calibrate" rows raise ``ValueError`` there).
+Validation split: ``digits`` (20 % of its training split, stratified, fixed), ``gap`` (40 of
+its 200 training points) and ``diabetes`` (20 % of each seed's training part) carve
+``task.x_val`` / ``task.y_val`` out of the training data *before* any pretraining. Every method
+(pretraining, ensemble members, fine-tunes, Laplace passes) sees only the remaining training
+data, the same for all; only the "+ calibrate" rows read the validation split, and no method is
+evaluated on it. The test sets (in-distribution test, shifted, gap, OOD) are unchanged.
+``minilm`` has no validation split (its Laplace "+ calibrate" rows fall back to the training set;
+the trained-posterior "+ calibrate" rows raise ``ValueError`` there).
 
 Results and the commands that produced them: docs/uncertainty.md.
 
@@ -245,7 +246,11 @@ class Gap(Regression):
             x = torch.cat([lo + 2 * torch.rand(n, 1, generator=gen) for lo in (-3.0, 1.0)])
             return x, torch.sin(1.5 * x) + 0.2 * x + 0.1 * torch.randn(x.shape, generator=gen)
 
-        self.x_train, self.y_train = sample(100)
+        x, y = sample(100)
+        # The validation split: 40 of the 200 training points, drawn before any pretraining.
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))  # own generator: test unchanged
+        self.x_train, self.y_train = x[perm[40:]], y[perm[40:]]
+        self.x_val, self.y_val = x[perm[:40]], y[perm[:40]]
         self.x_test, self.y_test = sample(200)
         self.x_gap = torch.linspace(-0.75, 0.75, 100).unsqueeze(1)
         if quick:
@@ -281,9 +286,12 @@ class Diabetes(Regression):
     def split(self, seed: int) -> None:
         perm = torch.randperm(len(self.y_all), generator=torch.Generator().manual_seed(seed))
         tr, te = perm[:int(0.7 * len(perm))], perm[int(0.7 * len(perm)):]
+        # The validation split: 20 % of the training part, before any pretraining or standardising.
+        va, tr = tr[:int(0.2 * len(tr))], tr[int(0.2 * len(tr)):]
         mx, sx = self.x_all[tr].mean(0), self.x_all[tr].std(0)
         my, sy = self.y_all[tr].mean(), self.y_all[tr].std()
         self.x_train, self.y_train = (self.x_all[tr] - mx) / sx, (self.y_all[tr] - my) / sy
+        self.x_val, self.y_val = (self.x_all[va] - mx) / sx, (self.y_all[va] - my) / sy
         self.x_test, self.y_test = (self.x_all[te] - mx) / sx, (self.y_all[te] - my) / sy
 
     def pretrain(self, seed: int) -> nn.Module:
