@@ -159,16 +159,14 @@ class ELBOLoss(nn.Module):
         kl = self.kl_term(pred)
         term = self.kl_weight * kl / self.dataset_size
         self._last = (nll.detach(), kl.detach(), term.detach())
-        if torch.is_grad_enabled():
-            self._watch(float(nll.detach()), float(term.detach()))
+        if torch.is_grad_enabled() and (self._watched is None or len(self._watched) < _WATCH):
+            self._watch(float(nll.detach()), float(term.detach()))  # reads to host: first calls only
         return nll + term
 
     def _watch(self, nll: float, term: float) -> None:
         """Warn once if, over the first training calls, the KL term dwarfs a NLL that does not fall."""
         if self._watched is None:
             self._watched = []
-        if len(self._watched) >= _WATCH:
-            return
         self._watched.append((nll, term))
         if len(self._watched) < _WATCH:
             return

@@ -62,13 +62,12 @@ class ELBOTracker:
         self.nll_sum, self.kl_sum, self.count = 0.0, 0.0, 0
 
     def __call__(self, out: Any, target: Tensor) -> Tensor:
-        pred = first_tensor(out)
-        nll = self.loss_fn.nll(pred, target)
-        kl = self.loss_fn.kl_term(pred)
-        self.nll_sum += float(nll.detach())
-        self.kl_sum += float(kl.detach())
+        loss = self.loss_fn(out, target)  # ELBOLoss's own checks and warning, and its ``last`` terms
+        last = self.loss_fn.last
+        self.nll_sum += last.nll
+        self.kl_sum += last.kl
         self.count += 1
-        return nll + self.loss_fn.kl_weight * kl / self.loss_fn.dataset_size
+        return loss
 
     def means(self) -> dict[str, float]:
         """``{"nll": mean NLL per data point, "kl": mean KL(q || prior) in nats}`` since the last reset."""
