@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 import bayesify as bf
+from minilm_text import plot  # the same two histograms (this folder is on sys.path when run as a script)
 
 TOPICS = {
     "animals": (
@@ -196,19 +197,6 @@ def summary(pred: dict[str, bf.Prediction], y: Tensor) -> dict[str, float]:
             "mi_ood": float(pred["ood"].mutual_information.mean()),
             "auroc_entropy": m.auroc(pred["test"].entropy, pred["ood"].entropy),
             "auroc_mi": m.auroc(pred["test"].mutual_information, pred["ood"].mutual_information)}
-
-
-def plot(pred: dict[str, bf.Prediction], path: str) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3))
-    for ax, field in zip(fig.subplots(1, 2), ["entropy", "mutual_information"]):
-        for key, label in (("test", "in-domain"), ("ood", "out-of-domain")):
-            ax.hist(getattr(pred[key], field).numpy(), bins=20, alpha=0.6, label=label)
-        ax.set_title(field.replace("_", " "), fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 if __name__ == "__main__":
