@@ -764,10 +764,10 @@ def bench_optimizer_step(w: Workload, repeats: int, quick: bool) -> dict[str, fl
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(repeats + 1):  # the first round warms up
         for name, fn in steps.items():
-            t = time.perf_counter()
+            t = _clock()
             fn()
             if r:
-                times[name].append(time.perf_counter() - t)
+                times[name].append(_clock() - t)
     out = {k: statistics.median(v) for k, v in times.items()}
     state = sum(t.numel() for st in ivon.state.values() for t in st.values() if isinstance(t, torch.Tensor))
     out["ivon_state_per_weight"] = state / n_weights
