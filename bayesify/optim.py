@@ -106,6 +106,20 @@ def hessian_estimate(rho: Tensor) -> Tensor:
     return rho.grad.float().div(torch.sigmoid(r).mul_(F.softplus(r)).clamp_min_(1e-38))
 
 
+def _is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2's sharded parameters), without importing torch.distributed."""
+    import sys
+
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _scalar(t: Tensor) -> float:
+    """The value of a 0-d reduction; over the whole tensor where ``t`` came from a sharded DTensor
+    (``float()`` of its pending partial result would read this rank's part only)."""
+    return float(t.full_tensor()) if _is_dtensor(t) else float(t)
+
+
 def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, closed_low: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -149,8 +163,13 @@ class IVON(torch.optim.Optimizer):
     Memory: two float32 tensors per Bayesian weight (momentum and Hessian), as Adam.
     Mixed precision: the state is float32 whatever the parameters' dtype.
     Distributed: under ``DistributedDataParallel`` every rank sees the all-reduced gradients
-    of the means and spreads, so the Hessian estimates agree across ranks (FSDP's flattened
-    parameters are not supported: the optimiser pairs each mean with its spread).
+    of the means and spreads, so the Hessian estimates agree across ranks. Under FSDP2
+    (``fully_shard``) each mean and its spread are DTensors sharded alike: the state is
+    created sharded the same way (each rank holds its part), the prior's centre (the
+    pretrained weights, a buffer FSDP does not shard) is sliced to match, and the few
+    reductions (the start's mean variance, ``max_grad_norm``) are over the whole tensors, so
+    the steps equal DDP's (tested with two gloo processes). FSDP1's flattened parameters are
+    not supported (a mean and its spread would share one flat tensor).
     """
 
     def __init__(self, params: nn.Module | Iterable[Any], lr: float = 0.1, ess: float | None = None, *,
@@ -227,7 +246,21 @@ class IVON(torch.optim.Optimizer):
             return float(group["weight_decay"]), 0.0
         prec, loc = prior_precision(site.spec.prior)
         centre: Tensor | float = site.pbuffers()["loc"] if loc == "pretrained" else float(loc)
+        if isinstance(centre, Tensor) and _is_dtensor(site.mean) and not _is_dtensor(centre):
+            centre = self._sharded_like(site.mean, centre)
         return prec / group["ess"], centre
+
+    def _sharded_like(self, p: Tensor, full: Tensor) -> Tensor:
+        """``full`` (a whole tensor on every rank, e.g. the pretrained weights FSDP does not shard)
+        laid out as the sharded parameter ``p``: each rank keeps its own slice, no communication."""
+        from torch.distributed.tensor import distribute_tensor
+
+        cache = self.__dict__.setdefault("_sharded", {})
+        hit = cache.get(id(p))
+        if hit is None or hit[0] is not full or hit[1] != full._version:
+            cache[id(p)] = hit = (full, full._version,
+                                  distribute_tensor(full.detach(), p.device_mesh, p.placements, src_data_rank=None))
+        return hit[2]
 
     def _init_state(self, p: Tensor, site: Site, group: dict[str, Any], delta: float) -> dict[str, Any]:
         state = self.state[p]
@@ -238,7 +271,7 @@ class IVON(torch.optim.Optimizer):
         else:
             # One value per tensor, from its mean variance: a per-weight start would keep the
             # tiny spreads of near-zero weights (relative init) for many steps.
-            var = float(F.softplus(site.vparams()["rho"].detach().float()).square().mean())
+            var = _scalar(F.softplus(site.vparams()["rho"].detach().float()).square().mean())
             state["hess"] = torch.full_like(p, max(1.0 / (group["ess"] * max(var, 1e-30)) - delta, 0.0),
                                             dtype=torch.float32)
         return state
@@ -311,8 +344,8 @@ class IVON(torch.optim.Optimizer):
             if group["max_grad_norm"] is not None:
                 grads = [p.grad for p in group["params"] if p.grad is not None]
                 if grads:
-                    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-                    scale = min(1.0, group["max_grad_norm"] / (float(norm) + 1e-12))
+                    norm = math.sqrt(sum(_scalar(g.float().square().sum()) for g in grads))
+                    scale = min(1.0, group["max_grad_norm"] / (norm + 1e-12))
             for p in group["params"]:
                 site = self._sites[id(p)]
                 rho = site.vparams()["rho"]

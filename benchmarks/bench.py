@@ -723,14 +723,15 @@ def _load() -> str:
 # --- optimiser step: IVON against Adam (1 sample, the same batch) -------------------------------
 
 
-def bench_optimizer_step(w: Workload, repeats: int, quick: bool) -> dict[str, float]:
+def bench_optimizer_step(w: Workload, repeats: int, quick: bool, batch: int | None = None) -> dict[str, float]:
     """Median seconds of one training step, interleaved round-robin: the point model with Adam,
     the converted model with ``bf.optim.IVON`` + ``bf.NLLLoss`` (1 sample), and the converted
     model with Adam on the ELBO (1 sample). Also the optimiser state's size in weight-sized
     tensors (Adam keeps 2)."""
     import bayesify as bf
 
-    args, y = w.inputs(w.quick_batch if quick else w.batch, quick)
+    batch = batch or (w.quick_batch if quick else w.batch)
+    args, y = w.inputs(batch, quick)
     point = w.build()
     bnn = bf.bayesify(point)
     ivon_bnn = copy.deepcopy(bnn)
@@ -764,19 +765,21 @@ def bench_optimizer_step(w: Workload, repeats: int, quick: bool) -> dict[str, fl
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(repeats + 1):  # the first round warms up
         for name, fn in steps.items():
-            t = time.perf_counter()
+            t = _clock()
             fn()
             if r:
-                times[name].append(time.perf_counter() - t)
+                times[name].append(_clock() - t)
     out = {k: statistics.median(v) for k, v in times.items()}
     state = sum(t.numel() for st in ivon.state.values() for t in st.values() if isinstance(t, torch.Tensor))
     out["ivon_state_per_weight"] = state / n_weights
+    out["batch"] = batch
     return out
 
 
 def optimizer_table(w: Workload, res: dict[str, float]) -> str:
     ref = res["point + Adam"]
-    lines = [f"### {w.title}: one training step, 1 sample", "", "| step | median ms | ratio to point + Adam |",
+    title = w.title if res["batch"] == w.batch else f"{w.title.rsplit(', batch', 1)[0]}, batch {res['batch']}"
+    lines = [f"### {title}: one training step, 1 sample", "", "| step | median ms | ratio to point + Adam |",
              "|---|---|---|"]
     for k in ("point + Adam", "bayesify + IVON", "bayesify + ELBO/Adam"):
         lines.append(f"| {k} | {res[k] * 1e3:.1f} | {res[k] / ref:.2f}x |")
@@ -807,6 +810,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     ap.add_argument("--optimizer-step", action="store_true",
                     help="only the IVON-step-vs-Adam-step rows (1 sample, same batch) for --workloads")
+    ap.add_argument("--batch", type=int, action="append", default=[], metavar="B",
+                    help="with --optimizer-step: the batch size (repeatable: one table per size); default the workload's")
     ap.add_argument("--_memory", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -816,6 +821,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(_memory_child(*opts._memory, opts.quick, opts.threads)))
         return {}
     names = [n.strip() for n in opts.workloads.split(",") if n.strip()]
+    if opts.batch and not opts.optimizer_step:
+        ap.error("--batch applies to --optimizer-step only (the other tables use each workload's batch)")
+    if any(b < 1 for b in opts.batch):
+        ap.error(f"--batch must be a positive int, got {min(opts.batch)}")
     for n in names:
         if n not in WORKLOADS:
             ap.error(f"unknown workload {n!r}; choose from {', '.join(WORKLOADS)}")
@@ -834,8 +843,10 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.optimizer_step:
         out = {}
         for n in names:
-            out[n] = bench_optimizer_step(WORKLOADS[n], max(repeats, 3), opts.quick)
-            print("\n" + optimizer_table(WORKLOADS[n], out[n]) + "\n", flush=True)
+            for b in opts.batch or [None]:
+                res = bench_optimizer_step(WORKLOADS[n], max(repeats, 3), opts.quick, b)
+                out[n if b is None else f"{n}@{b}"] = res
+                print("\n" + optimizer_table(WORKLOADS[n], res) + "\n", flush=True)
         return out
     machine = machine_info()
     env = {"torch": torch.__version__, "threads": opts.threads, "cpus": os.cpu_count(),

@@ -117,3 +117,21 @@ def test_table_header_names_machine_and_floors(bench):
             "ref: point + weight noise: eval 300 ms (3.00x), train 2000 ms (2.00x)") in text
     assert "| bayesify | 20 ms (2.00x) | 500 ms (5.00x) | 2500 ms (2.50x) | - |" in text
     json.dumps(bench.machine_info())  # the JSON report holds it
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--batch", "64"), "--batch applies to --optimizer-step only"),
+    (("--optimizer-step", "--batch", "0"), "--batch must be a positive int, got 0"),
+])
+def test_batch_is_checked_before_any_timing(args, message):
+    proc = _cli("--workloads", "mlp", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_optimizer_table_names_a_batch_other_than_the_workloads(bench):
+    res = {"point + Adam": 0.1, "bayesify + IVON": 0.2, "bayesify + ELBO/Adam": 0.2, "ivon_state_per_weight": 2.0,
+           "batch": 512}
+    text = bench.optimizer_table(bench.WORKLOADS["resnet18"], res)
+    assert "batch 512: one training step" in text and "batch 32" not in text
+    assert "| bayesify + IVON | 200.0 | 2.00x |" in text

@@ -377,6 +377,49 @@ def _fsdp(rank: int, out: Path) -> dict[str, Any]:
     res["chunked_vs_plain"] = max(diffs)
     res["types_after_no_grad_call"] = sorted({type(p).__name__ for p in sharded_mlp.parameters()})
 
+    # IVON under FSDP2: state sharded like the parameters (DTensors), the prior's centre (the
+    # pretrained weights, an unsharded buffer) sliced to match, global reductions (the start's
+    # mean variance, the gradient norm): the same steps as under DDP.
+    def ivon_build() -> nn.Module:
+        torch.manual_seed(0)
+        return bf.bayesify(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3)),
+                           prior=bf.priors.Normal("pretrained", 0.1))
+
+    def ivon_run(wrap: str) -> tuple:
+        model = ivon_build()
+        if wrap == "ddp":
+            wrapped = DDP(model)
+        else:
+            fully_shard(model.model[0])
+            fully_shard(model.model[2])
+            fully_shard(model)
+            wrapped = model
+        opt = bf.optim.IVON(model, lr=0.05, ess=512, max_grad_norm=0.5)
+        loss_fn = bf.NLLLoss("categorical")
+        x, y = _data(rank)
+        for step in range(4):
+            o = wrapped(x, samples=2, generator=torch.Generator().manual_seed(10 + step))
+            loss = loss_fn(o, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model, opt
+
+    ivon_ref, opt_ref = ivon_run("ddp")
+    ivon_sharded, opt_sharded = ivon_run("fsdp")
+    res["ivon_vs_ddp"] = max((_full(a) - _full(b)).abs().max().item()
+                             for a, b in zip(ivon_ref.parameters(), ivon_sharded.parameters()))
+    res["ivon_moved"] = max((_full(a) - _full(b)).abs().max().item()
+                            for a, b in zip(ivon_build().parameters(), ivon_ref.parameters()))
+    states = [opt_sharded.state[p] for p in opt_sharded.param_groups[0]["params"]]
+    res["ivon_state_types"] = sorted({type(st[k]).__name__ for st in states for k in ("hess", "momentum")})
+    res["ivon_hess_vs_ddp"] = max(
+        (_full(opt_ref.state[a]["hess"]) - _full(opt_sharded.state[b]["hess"])).abs().max().item()
+        / (_full(opt_ref.state[a]["hess"]).abs().max().item() + 1e-12)
+        for a, b in zip(opt_ref.param_groups[0]["params"], opt_sharded.param_groups[0]["params"]))
+    res["ivon_local_state_numel"] = sum(st["hess"].to_local().numel() for st in states)
+    res["ivon_full_state_numel"] = sum(st["hess"].numel() for st in states)
+
     # Checkpoint: the full (unsharded) state dict, written by rank 0, loads into a plain model.
     full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = out / "fsdp_state.pt"
@@ -499,6 +542,18 @@ def test_fsdp2_fully_shard_matches_ddp(ranks: list[dict[str, Any]]) -> None:
     assert r0["loaded_vs_ddp"] < 1e-5 and r1["loaded_vs_ddp"] < 1e-5
     assert r0["chunked_vs_plain"] < 1e-5 and r1["chunked_vs_plain"] < 1e-5
     assert r0["types_after_no_grad_call"] == ["DTensor"]
+
+
+def test_ivon_under_fsdp2_matches_ddp(ranks: list[dict[str, Any]]) -> None:
+    """IVON on fully_shard parameters: the same means, spreads and Hessian as under DDP, with its
+    state sharded like the parameters (each rank holds its part)."""
+    r0, r1 = _results(ranks, "fsdp")
+    assert r0["ivon_moved"] > 1e-3  # the steps did something
+    assert r0["ivon_vs_ddp"] < 1e-5 and r1["ivon_vs_ddp"] < 1e-5
+    assert r0["ivon_hess_vs_ddp"] < 1e-5
+    assert r0["ivon_state_types"] == ["DTensor"]
+    assert r0["ivon_local_state_numel"] + r1["ivon_local_state_numel"] == r0["ivon_full_state_numel"]
+    assert r0["ivon_local_state_numel"] < r0["ivon_full_state_numel"]
 
 
 def test_example_trains_and_checks_itself(ranks: list[dict[str, Any]]) -> None:
