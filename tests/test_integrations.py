@@ -183,3 +183,59 @@ def test_hf_recipe_refuses_hub_attention_kernels(tmp_path):
     recipe = dict(bf.io.read_spec(tmp_path / "m.bnn")["arch"], attn_implementation="kernels-community/flash-attn")
     with pytest.raises(ValueError, match="built-in attention"):
         bf.io.build_arch(recipe)
+
+
+_DDP_VALIDATE = r'''
+import json, sys, warnings
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import lightning
+import bayesify as bf
+from bayesify.integrations.lightning import BayesianLightningModule
+from sklearn.datasets import load_digits
+
+warnings.simplefilter("ignore")
+torch.manual_seed(0)
+x, y = load_digits(return_X_y=True)
+x = torch.tensor(x[:300], dtype=torch.float32) / 16.0
+y = torch.tensor(y[:300])
+net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+opt = torch.optim.Adam(net.parameters(), 1e-2)
+for _ in range(30):  # part-trained (the same on every rank): errors of both signs across the bins
+    loss = nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+# zero variance: every sample is the point model, so the expected metrics are exact
+module = BayesianLightningModule(bf.bayesify(net, variational="pointmass"), dataset_size=300, eval_samples=2)
+trainer = lightning.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False)
+trainer.validate(module, DataLoader(TensorDataset(x, y), batch_size=40))
+if trainer.global_rank == 0:
+    with torch.no_grad():
+        probs = torch.softmax(net(x), -1)
+    expected = {"val_accuracy": bf.metrics.accuracy(probs, y), "val_nll": bf.metrics.nll(probs, y),
+                "val_ece": bf.metrics.ece(probs, y), "val_brier": bf.metrics.brier(probs, y)}
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    with open(sys.argv[1], "w") as f:
+        json.dump({"expected": expected, "logged": logged}, f)
+'''
+
+
+def test_lightning_validation_metrics_cover_every_rank(tmp_path):
+    """Two DDP processes (gloo): the logged ECE / NLL / accuracy are those of the whole validation
+    set (every rank's predictions gathered), not a mean of per-rank metrics."""
+    pytest.importorskip("lightning")
+    import json
+
+    script, out = tmp_path / "ddp_validate.py", tmp_path / "metrics.json"
+    script.write_text(_DDP_VALIDATE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert set(res["logged"]) == set(res["expected"])
+    for key, value in res["expected"].items():
+        assert res["logged"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -108,10 +108,25 @@ class BayesianLightningModule(lightning.LightningModule):
 
     def _report(self, stage: str) -> None:
         rows = self._eval.pop(stage, [])
-        if rows:
-            table = torch.cat(rows)
-            for name, value in calibration(table[:, :-1], table[:, -1].long()).items():
-                self.log(f"{stage}_{name}", value, sync_dist=True)  # with several processes: the mean over ranks
+        if not rows:
+            return
+        table = self._gathered(torch.cat(rows))
+        # Every rank computes the same numbers from the same rows: the metrics of the whole
+        # evaluation set (a mean over ranks of per-rank ECE / NLL would not be).
+        for name, value in calibration(table[:, :-1], table[:, -1].long()).items():
+            self.log(f"{stage}_{name}", value, rank_zero_only=True)
+
+    def _gathered(self, table: Tensor) -> Tensor:
+        """The rows of every rank (each rank's may differ in number), in rank order."""
+        world = getattr(self.trainer, "world_size", 1) if self._trainer is not None else 1
+        if world <= 1:
+            return table
+        device = self.device
+        sizes = self.all_gather(torch.tensor([len(table)], device=device)).reshape(-1).tolist()
+        padded = table.new_zeros((max(sizes), table.shape[1]))
+        padded[:len(table)] = table
+        every = self.all_gather(padded.to(device)).cpu()  # (world, max rows, columns)
+        return torch.cat([every[r, :n] for r, n in enumerate(sizes)])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._collect("val", batch)
