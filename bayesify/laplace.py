@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._choices import lookup
+from . import _backprop_ggn as _bp
 from ._linearize import at_means, mean_output
 from .loss import LIKELIHOODS, first_tensor
 from .module import VIModule, _vmap_cause
@@ -68,6 +69,7 @@ __all__ = ["laplace", "LaplaceResult", "CURVATURES", "STRUCTURES"]
 
 CURVATURES = {"ggn": "ggn", "fisher": "ggn", "exact": "ggn", "mc": "mc", "mc_fisher": "mc"}
 STRUCTURES = {"diag": "diag", "diagonal": "diag", "full": "full"}
+METHODS = {"auto": "auto", "backprop": "backprop", "per_example": "per_example", "func": "per_example"}
 #: Largest site (elements) whose full curvature matrix is formed (``structure="full"``).
 MAX_FULL = 8192
 #: Spread of the sites outside ``include`` (a point mass in all but name).
@@ -92,6 +94,9 @@ class LaplaceResult:
     log_evidence: float
     seconds: float
     noise_std: float | None = None
+    #: How the curvature was computed: "backprop", "per_example", or "last_linear" (a last Linear
+    #: in closed form from its inputs); several joined by "+" where the route changed mid-pass.
+    method: str = ""
     curvature: dict[str, Any] = field(default_factory=dict, repr=False)
     structure: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -296,6 +301,7 @@ def laplace(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    method: str = "auto",
 ) -> LaplaceResult:
     """Set every site's spread to the Laplace posterior around its current mean (in place).
 
@@ -324,6 +330,12 @@ def laplace(
         chunk_size: examples per vectorised Jacobian call (default: from a memory budget).
         generator: for the labels of ``curvature="mc"``.
         progress: a rich progress bar on stderr.
+        method: how the per-example curvature is computed: ``"backprop"`` (one forward recording each
+            site module's input, one backward per loss-Hessian column, each site's per-example
+            gradients in closed form: ``bayesify._backprop_ggn``), ``"per_example"`` (``torch.func``
+            per-example Jacobians of the whole network; the reference), or ``"auto"`` (default):
+            backprop where it applies (checked against the per-example route on the first batch),
+            else per example. Both give the same numbers.
     """
     t0 = time.perf_counter()
     if not isinstance(bnn, VIModule):
@@ -349,6 +361,7 @@ def laplace(
     if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
                                      or dataset_size < 1):
         raise ValueError(f"dataset_size must be a positive int or None, got {dataset_size!r}")
+    route = lookup("method", method, METHODS)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     all_sites = list(iter_sites(bnn))
@@ -375,7 +388,7 @@ def laplace(
         for p, _ in grads:
             p.requires_grad_(False)
         result = _run(bnn, batches, total, kind, curv, include, structure, prior_precision, pstruct, noise_std,
-                      dataset_size, chunk_size, generator, progress, all_sites, device, t0)
+                      dataset_size, chunk_size, generator, progress, all_sites, device, t0, route)
         if prior_precision == "val":
             from .calibrate import select_prior_precision
 
@@ -392,7 +405,7 @@ def laplace(
 def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, curv: str, include: Any,
          structure: dict[str, str], prior_precision: float | str, pstruct: str, noise_std: float | None,
          dataset_size: int | None, chunk_size: int | None, generator: torch.Generator | None, progress: bool,
-         all_sites: list[Site], device: torch.device, t0: float) -> LaplaceResult:
+         all_sites: list[Site], device: torch.device, t0: float, route: str = "auto") -> LaplaceResult:
     chosen: list[Site] | None = None
     head: nn.Module | None = None  # a Linear whose output is the prediction: closed-form GGN (_head_curvature)
     full: set[str] = set()
@@ -401,8 +414,8 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     n_seen = 0
     sq_resid = 0.0
     n_resid = 0
-    vmap_ok = True
-    failed_vmap: str | None = None
+    state = {"vmap_ok": True, "warned": False}
+    used: list[str] = []
     with _progress(progress, total, "laplace") as advance:
         for i, batch in enumerate(batches):
             args, kwargs, target = _split(batch, f"batch {i}")
@@ -413,68 +426,78 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                 params = {s.qualname: s.mean.detach() for s in chosen}
                 numel = sum(p.numel() for p in params.values())
                 owners = {id(s.module) for s in chosen}
-                head = (chosen[0].module if curv == "ggn" and len(owners) == 1
+                head = (chosen[0].module if curv == "ggn" and len(owners) == 1 and route != "per_example"
                         and isinstance(chosen[0].module, nn.Linear) and {s.name for s in chosen} <= {"weight", "bias"}
                         else None)
+                if head is None and route != "per_example":
+                    try:
+                        _bp.check_sites(bnn, chosen)
+                    except _bp.Unsupported as exc:
+                        route = _no_backprop(route, str(exc))
             leaves, spec = tree_flatten((args, kwargs))
             bsz = next((x.shape[0] for x in leaves if isinstance(x, Tensor) and x.dim() > 0), None)
             if bsz is None:
                 raise ValueError(f"batch {i} has no tensor with a batch dimension")
             batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == bsz for x in leaves]
             head_io: list[tuple[Tensor, Tensor]] = []
-            hook = (head.register_forward_hook(lambda m, i, o: head_io.append((i[0], o)))
-                    if head is not None else None)
-            try:
-                with torch.no_grad(), at_means(bnn):
-                    out = first_tensor(bnn(*args, **kwargs))
-            finally:
-                if hook is not None:
-                    hook.remove()
+            cap = None
+            if head is None and route != "per_example":
+                try:
+                    with at_means(bnn):
+                        out, cap = _bp.forward_captured(bnn, chosen, args, kwargs, bsz)
+                except _bp.Unsupported as exc:
+                    route, cap = _no_backprop(route, str(exc)), None
+            if cap is None:
+                hook = (head.register_forward_hook(lambda m, i, o: head_io.append((i[0], o)))
+                        if head is not None else None)
+                try:
+                    with torch.no_grad(), at_means(bnn):
+                        out = first_tensor(bnn(*args, **kwargs))
+                finally:
+                    if hook is not None:
+                        hook.remove()
             if head is not None:
                 # The shortcut holds only where the head's output *is* the prediction, from 2-d input.
                 if len(head_io) == 1 and head_io[0][1] is out and head_io[0][0].dim() == 2 and out.dim() == 2:
                     _head_curvature(sums, chosen, head_io[0][0], out, kind, full)
+                    used.append("last_linear")
                 else:
-                    head = None  # the per-example route from here on (it computes the same quantity)
+                    head = None  # the general routes from here on (they compute the same quantity)
             y = None
             if curv == "mc":
-                logits = out.reshape(bsz, -1, out.shape[-1])
+                logits = out.detach().reshape(bsz, -1, out.shape[-1])
                 y = torch.multinomial(torch.softmax(logits.reshape(-1, out.shape[-1]).float(), -1), 1,
                                       generator=generator).reshape(bsz, -1)
             if kind == "normal" and noise_std is None:
                 if target is None:
                     raise ValueError("likelihood='normal' without noise_std needs targets in the batches "
                                      "((x, y) tuples) to estimate the noise; or pass noise_std=")
-                sq_resid += float((out - _to(target, device).reshape(out.shape)).square().sum())
+                sq_resid += float((out.detach() - _to(target, device).reshape(out.shape)).square().sum())
                 n_resid += out.numel()
             if head is not None:
                 n_seen += bsz
                 advance()
                 continue
-            k_rows = 1 if curv == "mc" else out[:1].numel()
-            one = _per_example(_rows_fn(bnn, kind, curv, spec, batched), full)
-            with at_means(bnn):
-                if vmap_ok:
-                    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, k_rows * numel))
-                    try:
-                        in_dims = ([0 if b else None for b in batched],)
-                        per = torch.vmap(one, in_dims=(None, *in_dims, 0 if y is not None else None),
-                                         chunk_size=chunk)(params, leaves, y)
-                        _accumulate(sums, per, full, True)
-                    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
-                        # Retried example by example: an error there is the model's own and
-                        # propagates; only a loop that succeeds makes this a vmap limit.
-                        vmap_ok, reason = False, _vmap_cause(exc)[0]
-                        failed_vmap = reason
-                if not vmap_ok:
-                    for j in range(bsz):
-                        ex = [x[j] if b else x for x, b in zip(leaves, batched)]
-                        _accumulate(sums, one(params, ex, None if y is None else y[j]), full, False)
-                    if failed_vmap is not None:
-                        warnings.warn(f"laplace: torch.vmap cannot run this model over examples ({failed_vmap}); "
-                                      "computing the curvature example by example (slower, same result)",
-                                      RuntimeWarning, stacklevel=3)
-                        failed_vmap = None
+            k_rows = 1 if curv == "mc" else out[0].numel()
+            if cap is not None:
+                local: dict[str, Tensor] = {}
+                try:
+                    if route == "auto" and n_seen == 0:
+                        _check_backprop(bnn, chosen, leaves, spec, batched, y, kind, curv, full, params)
+                    with at_means(bnn):
+                        _bp.batch_curvature(local, chosen, out, cap, kind, curv, y, full)
+                    route = "backprop"
+                    used.append(route)
+                except _bp.Unsupported as exc:
+                    route, cap = _no_backprop(route, str(exc)), None
+                else:
+                    for q, v in local.items():
+                        sums[q] = v if q not in sums else sums[q] + v
+                del out, local
+            if cap is None:
+                _per_example_sums(sums, bnn, params, leaves, spec, batched, y, kind, curv, full,
+                                  chunk_size or max(1, _CHUNK_ELEMENTS // max(1, k_rows * numel)), state)
+                used.append("per_example")
             n_seen += bsz
             advance()
     if chosen is None:
@@ -512,6 +535,7 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     log_ev = sum(_log_evidence_terms(evals[q], sqn[q], precision[q]) for q in evals)
     result = LaplaceResult(likelihood=kind, curvature_type=curv, n_examples=n_seen, prior_precision=precision,
                            log_evidence=log_ev, seconds=0.0, noise_std=sigma, curvature=curvature,
+                           method="+".join(dict.fromkeys(used)),
                            structure=struct_of)
     apply(bnn, result)
     # The predictive under which a Laplace posterior is meant to be used (bf.predict's default now).
@@ -519,6 +543,68 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     bnn.predictive = {"linearized": True}
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _no_backprop(route: str, why: str) -> str:
+    """The per-example route from here on (``method="backprop"`` asked for the fast route: an error)."""
+    if route == "backprop":
+        raise ValueError(f"laplace(method='backprop') does not apply to this model: {why}; use method='auto'")
+    return "per_example"
+
+
+def _per_example_sums(sums: dict[str, Tensor], bnn: VIModule, params: dict[str, Tensor], leaves: list[Any],
+                      spec: Any, batched: list[bool], y: Tensor | None, kind: str, curv: str, full: set[str],
+                      chunk: int, state: dict[str, Any], warn: bool = True) -> None:
+    """The reference route: per-example Jacobians of the whole network (``torch.func``), vmapped
+    over the examples, or example by example where vmap cannot run the model."""
+    one = _per_example(_rows_fn(bnn, kind, curv, spec, batched), full)
+    bsz = next(x.shape[0] for x, b in zip(leaves, batched) if b)
+    with at_means(bnn):
+        if state["vmap_ok"]:
+            try:
+                in_dims = ([0 if b else None for b in batched],)
+                per = torch.vmap(one, in_dims=(None, *in_dims, 0 if y is not None else None),
+                                 chunk_size=chunk)(params, leaves, y)
+                _accumulate(sums, per, full, True)
+                return
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+                # Retried example by example: an error there is the model's own and
+                # propagates; only a loop that succeeds makes this a vmap limit.
+                state["vmap_ok"], state["why"] = False, _vmap_cause(exc)[0]
+        for j in range(bsz):
+            ex = [x[j] if b else x for x, b in zip(leaves, batched)]
+            _accumulate(sums, one(params, ex, None if y is None else y[j]), full, False)
+        if warn and not state["warned"]:
+            state["warned"] = True
+            warnings.warn(f"laplace: torch.vmap cannot run this model over examples ({state['why']}); "
+                          "computing the curvature example by example (slower, same result)",
+                          RuntimeWarning, stacklevel=4)
+
+
+#: Examples of the first batch on which ``method="auto"`` checks the backprop route against the
+#: per-example one (a model that breaks an assumption of the fast route, e.g. a batch dimension
+#: that is not the first, is caught there and takes the per-example route).
+_CHECK_EXAMPLES = 2
+
+
+def _check_backprop(bnn: VIModule, chosen: list[Site], leaves: list[Any], spec: Any, batched: list[bool],
+                    y: Tensor | None, kind: str, curv: str, full: set[str], params: dict[str, Tensor]) -> None:
+    n = min(_CHECK_EXAMPLES, next(x.shape[0] for x, b in zip(leaves, batched) if b))
+    sub = [x[:n] if b else x for x, b in zip(leaves, batched)]
+    ys = None if y is None else y[:n]
+    args, kwargs = tree_unflatten(sub, spec)
+    fast: dict[str, Tensor] = {}
+    with at_means(bnn):
+        out, cap = _bp.forward_captured(bnn, chosen, args, kwargs, n)
+        _bp.batch_curvature(fast, chosen, out, cap, kind, curv, ys, full)
+    ref: dict[str, Tensor] = {}
+    _per_example_sums(ref, bnn, params, sub, spec, batched, ys, kind, curv, full, n, {"vmap_ok": True, "warned": True},
+                      warn=False)
+    for q, r in ref.items():
+        f = fast.get(q, torch.zeros_like(r))
+        tol = 1e-6 if r.dtype == torch.float64 else 1e-3
+        if not torch.allclose(f.to(r.dtype), r, rtol=tol, atol=tol * float(r.abs().max()) + 1e-30):
+            raise _bp.Unsupported(f"its curvature of {q} differs from the per-example route's on the first examples")
 
 
 def _select(bnn: VIModule, sites: list[Site], include: Any, structure: dict[str, str], args: tuple,

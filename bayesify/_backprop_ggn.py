@@ -1,0 +1,292 @@
+"""The curvature pass's fast route: per-example GGN from one backward per loss-Hessian column.
+
+With ``Lambda_n = sum_k v_nk v_nk^T`` (a square-root factor of the loss Hessian in the outputs
+of example ``n``: categorical ``v_nk = sqrt(p_k) (e_k - p)``, one column ``e_y - p`` for the
+MC Fisher, ``e_k`` for a normal likelihood), the GGN of a parameter ``w`` is
+``sum_{n,k} (J_n^T v_nk) (J_n^T v_nk)^T``. One forward at the means records every site
+module's input; backpropagating the columns ``v_k`` (batched, ``autograd.grad(...,
+is_grads_batched=True)``) gives each site module's per-example *output* gradients ``g_nk``;
+the per-example parameter gradient ``J_n^T v_nk`` then follows from the module's input and
+``g_nk`` alone:
+
+- ``Linear``: ``g a^T`` (a 2-d input: the diagonal is ``(sum_k g^2)^T a^2``, one matmul;
+  with extra dims: summed over positions per example, then squared); bias ``g``;
+- ``Conv1d`` / ``Conv2d`` (zero padding, one group): ``g`` times the unfolded input, per example;
+- ``LayerNorm``: ``g * x_hat`` and ``g`` summed over the positions of the example;
+- ``Embedding``: ``g`` scattered onto the looked-up rows, per example;
+- any other module: its own forward differentiated per example with ``torch.func`` (the
+  module alone, not the network), which also serves the ``structure="full"`` sites.
+
+No ``vmap`` over the examples of the whole network (which Hugging Face's mask checks refuse)
+and no per-example Jacobian of the network. The result equals the per-example route of
+``laplace.py``; ``laplace`` checks that on a few examples of the first batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .loss import first_tensor
+from .nn import VIConv1d, VIConv2d, VIEmbedding, VILayerNorm, VILinear
+from .sites import Site
+
+__all__ = ["Unsupported", "check_sites", "Captured", "forward_captured", "columns", "batch_curvature"]
+
+#: Elements of the per-example gradients held at once (one chunk of examples).
+CHUNK_ELEMENTS = 2 ** 24
+
+
+class Unsupported(Exception):
+    """The fast route does not apply to this model (``laplace`` falls back to the per-example route)."""
+
+
+def check_sites(root: nn.Module, sites: list[Site]) -> None:
+    """Raise :class:`Unsupported` where a site's parameter is registered in more than one module
+    (tied), so that its module's forward is not its only use."""
+    count: dict[int, int] = {}
+    for _, m in root.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                count[id(p)] = count.get(id(p), 0) + 1
+    for s in sites:
+        if count.get(id(s.mean), 0) != 1:
+            raise Unsupported(f"{s.qualname} is tied to another module's parameter")
+
+
+class Captured:
+    """What one forward recorded: per site module, its inputs and its output (a clone handed on,
+    so that an in-place operation downstream cannot rewrite the recorded output)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, list[tuple[tuple, dict, Tensor]]] = {}
+
+
+def forward_captured(root: nn.Module, sites: list[Site], args: tuple, kwargs: dict, bsz: int
+                     ) -> tuple[Tensor, Captured]:
+    """The prediction of ``root`` (call inside ``at_means``) with autograd recording from the site
+    means on, and each site module's input / output. A module output with batch size 1 (e.g.
+    position embeddings) is expanded to ``bsz`` so that its gradient is per example."""
+    cap = Captured()
+    owners = {id(s.module): s.module for s in sites}
+
+    def hook(mod: nn.Module, a: tuple, kw: dict, out: Any) -> Any:
+        if not isinstance(out, Tensor) or out.dim() == 0:
+            raise Unsupported(f"{type(mod).__name__} returns {type(out).__name__}, not a tensor")
+        if out.shape[0] != bsz:
+            if out.shape[0] != 1:
+                raise Unsupported(f"{type(mod).__name__}'s output has leading size {out.shape[0]}, not the batch {bsz}")
+            out = out.expand(bsz, *out.shape[1:])
+            a = tuple(x.expand(bsz, *x.shape[1:]) if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 else x
+                      for x in a)
+        cap.calls.setdefault(id(mod), []).append((a, kw, out))
+        return out.clone()
+
+    hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in owners.values()]
+    flags = [(s.mean, s.mean.requires_grad) for s in sites]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = first_tensor(root(*args, **kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, req in flags:
+            p.requires_grad_(req)
+    for key, mod in owners.items():
+        n = len(cap.calls.get(key, []))
+        if n != 1:
+            raise Unsupported(f"{type(mod).__name__} ran {n} times in one forward (the fast route needs once)")
+    return out, cap
+
+
+def columns(out: Tensor, kind: str, curv: str, y: Tensor | None) -> tuple[int, Any]:
+    """``(K, make)``: the number of loss-Hessian columns per example and ``make(lo, hi)``, the
+    columns ``lo:hi`` as output gradients ``(hi - lo, *out.shape)``."""
+    bsz = out.shape[0]
+    if kind == "normal":
+        k = out[0].numel()
+
+        def make_normal(lo: int, hi: int) -> Tensor:
+            eye = torch.eye(k, dtype=out.dtype, device=out.device)[lo:hi]
+            return eye.reshape(hi - lo, 1, *out.shape[1:]).expand(hi - lo, *out.shape).contiguous()
+        return k, make_normal
+    c = out.shape[-1]
+    logits = out.detach().reshape(bsz, -1, c)
+    p = torch.softmax(logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits, -1)
+    if curv == "mc":
+        v = (F.one_hot(y.reshape(bsz, -1), c).to(p.dtype) - p).to(out.dtype)
+        return 1, lambda lo, hi: v.reshape(1, *out.shape)
+    positions = logits.shape[1]
+    # M[b, l, c, :] = sqrt(p_blc) (e_c - p_bl): column (l, c) lives at position l only.
+    m = (p.sqrt().unsqueeze(-1) * (torch.eye(c, dtype=p.dtype, device=p.device) - p.unsqueeze(-2))).to(out.dtype)
+
+    def make_cat(lo: int, hi: int) -> Tensor:
+        k = torch.arange(lo, hi, device=out.device)
+        pos, cls = k // c, k % c
+        v = torch.zeros(hi - lo, bsz, positions, c, dtype=out.dtype, device=out.device)
+        v[torch.arange(hi - lo, device=out.device), :, pos] = m[:, pos, cls].transpose(0, 1)
+        return v.reshape(hi - lo, *out.shape)
+    return positions * c, make_cat
+
+
+def _output_grads(out: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor | None]:
+    try:
+        return list(torch.autograd.grad(out, outs, cols, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True))
+    except (RuntimeError, NotImplementedError):  # no batching rule for a backward op: column by column
+        per = [torch.autograd.grad(out, outs, v, retain_graph=True, allow_unused=True) for v in cols]
+        return [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(outs))]
+
+
+def batch_curvature(sums: dict[str, Tensor], sites: list[Site], out: Tensor, cap: Captured, kind: str,
+                    curv: str, y: Tensor | None, full: set[str]) -> None:
+    """Add this batch's GGN (diagonal, or the full block of the sites in ``full``) to ``sums``."""
+    if not out.requires_grad:  # no selected site reaches the prediction: no curvature
+        return
+    n_cols, make = columns(out, kind, curv, y)
+    by_mod: dict[int, list[Site]] = {}
+    for s in sites:
+        by_mod.setdefault(id(s.module), []).append(s)
+    keys = list(by_mod)
+    outs = [cap.calls[k][0][2] for k in keys]
+    per_col = sum(o.numel() for o in outs)
+    step = max(1, min(n_cols, CHUNK_ELEMENTS // max(1, per_col)))
+    for lo in range(0, n_cols, step):
+        hi = min(n_cols, lo + step)
+        grads = _output_grads(out, outs, make(lo, hi))
+        for key, g in zip(keys, grads):
+            if g is None:
+                continue
+            a, kw, _ = cap.calls[key][0]
+            for name, add in _site_curvature(by_mod[key][0].module, by_mod[key], a, kw, g.detach(), full).items():
+                sums[name] = add if name not in sums else sums[name] + add
+
+
+# -- per module -----------------------------------------------------------------------------------------
+def _chunks(bsz: int, per_example: int) -> range:
+    return range(0, bsz, max(1, CHUNK_ELEMENTS // max(1, per_example)))
+
+
+def _reduce(per: Tensor, qualname: str, full: set[str], shape: torch.Size) -> Tensor:
+    """``per`` ``(n, *shape)`` per-example gradients -> summed squares (diag) or outer products (full)."""
+    if qualname in full:
+        r = per.reshape(per.shape[0], -1)
+        return r.T @ r
+    return per.square().sum(0).reshape(shape)
+
+
+def _site_curvature(mod: nn.Module, sites: list[Site], a: tuple, kw: dict, g: Tensor, full: set[str]
+                    ) -> dict[str, Tensor]:
+    names = {s.name: s.qualname for s in sites}
+    fast = None
+    if not (set(names.values()) & full) and not kw and len(a) == 1 and isinstance(a[0], Tensor):
+        x = a[0].detach()
+        fwd = type(mod).forward
+        if fwd in (nn.Linear.forward, VILinear.forward) and set(names) <= {"weight", "bias"}:
+            fast = _linear
+        elif (fwd in (nn.Conv1d.forward, nn.Conv2d.forward, VIConv1d.forward, VIConv2d.forward) and _plain_conv(mod)
+              and set(names) <= {"weight", "bias"}):
+            fast = _conv
+        elif fwd in (nn.LayerNorm.forward, VILayerNorm.forward) and set(names) <= {"weight", "bias"}:
+            fast = _layer_norm
+        elif (fwd in (nn.Embedding.forward, VIEmbedding.forward) and set(names) == {"weight"} and mod.max_norm is None
+              and not mod.scale_grad_by_freq and x.dtype in (torch.int64, torch.int32)):
+            fast = _embedding
+        if fast is not None:
+            return {names[n]: v for n, v in fast(mod, x, g).items() if n in names}
+    return _generic(mod, names, a, kw, g, full)
+
+
+def _plain_conv(mod: nn.Module) -> bool:
+    return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+
+
+def _linear(mod: nn.Linear, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    x = x.to(g.dtype)
+    if x.dim() == 2:  # (K, B, O), (B, I): no per-example gradient needed
+        gs = g.square().sum(0)
+        return {"weight": gs.T @ x.square(), "bias": gs.sum(0)}
+    k, bsz = g.shape[:2]
+    gf = g.reshape(k, bsz, -1, g.shape[-1])
+    xf = x.reshape(bsz, -1, x.shape[-1])
+    w = torch.zeros(mod.weight.shape, dtype=g.dtype, device=g.device)
+    for lo in _chunks(bsz, k * w.numel()):
+        hi = min(bsz, lo + max(1, CHUNK_ELEMENTS // max(1, k * w.numel())))
+        w += torch.einsum("kbto,bti->kboi", gf[:, lo:hi], xf[lo:hi]).square().sum((0, 1))
+    return {"weight": w, "bias": gf.sum(2).square().sum((0, 1))}
+
+
+def _conv(mod: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    one_d = isinstance(mod, nn.Conv1d)
+    x = x.to(g.dtype)
+    if one_d:
+        x, g = x.unsqueeze(-2), g.unsqueeze(-2)
+    pair = (lambda v, one=1: (one, v[0])) if one_d else (lambda v, one=1: tuple(v))
+    k, bsz, co = g.shape[:3]
+    gf = g.reshape(k, bsz, co, -1)
+    per = k * co * math.prod(mod.weight.shape[1:])
+    w = torch.zeros(mod.weight.shape, dtype=g.dtype, device=g.device).reshape(co, -1)
+    for lo in _chunks(bsz, per):
+        hi = min(bsz, lo + max(1, CHUNK_ELEMENTS // max(1, per)))
+        u = F.unfold(x[lo:hi], pair(mod.kernel_size), pair(mod.dilation), pair(mod.padding, 0), pair(mod.stride))
+        gb = gf[:, lo:hi].transpose(0, 1).reshape(hi - lo, k * co, -1)  # (b, K*O, positions)
+        w += torch.bmm(gb, u.transpose(1, 2)).square().reshape(hi - lo, k, co, -1).sum((0, 1))
+    return {"weight": w.reshape(mod.weight.shape), "bias": gf.sum(-1).square().sum((0, 1))}
+
+
+def _layer_norm(mod: nn.LayerNorm, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    xhat = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps).to(g.dtype)
+    k, bsz = g.shape[:2]
+    shape = tuple(mod.normalized_shape)
+    gf = g.reshape(k, bsz, -1, *shape)
+    w = (gf * xhat.reshape(bsz, -1, *shape)).sum(2)
+    return {"weight": w.square().sum((0, 1)), "bias": gf.sum(2).square().sum((0, 1))}
+
+
+def _embedding(mod: nn.Embedding, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    k, bsz, d = g.shape[0], g.shape[1], g.shape[-1]
+    idx = x.reshape(bsz, -1).long()
+    gf = g.reshape(k, bsz, -1, d)
+    if mod.padding_idx is not None:  # F.embedding's rule: no gradient for the padding row
+        gf = gf * (idx != mod.padding_idx).unsqueeze(-1).to(gf.dtype)
+    n = mod.weight.shape[0]
+    key = (torch.arange(bsz, device=idx.device).unsqueeze(1) * n + idx).reshape(-1)
+    uniq, inv = torch.unique(key, return_inverse=True)
+    rows = torch.zeros(k, uniq.numel(), d, dtype=g.dtype, device=g.device)
+    rows.index_add_(1, inv, gf.reshape(k, -1, d))
+    w = torch.zeros(mod.weight.shape, dtype=g.dtype, device=g.device)
+    w.index_add_(0, uniq % n, rows.square().sum(0))
+    return {"weight": w}
+
+
+def _generic(mod: nn.Module, names: dict[str, str], a: tuple, kw: dict, g: Tensor, full: set[str]
+             ) -> dict[str, Tensor]:
+    """Any module: its forward differentiated per example (``torch.func``, the module alone)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    k, bsz = g.shape[:2]
+    leaves, spec = tree_flatten((a, kw))
+    batched = [isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == bsz for v in leaves]
+    params = {n: mod._parameters[n].detach() for n in names}
+
+    def one(p: dict[str, Tensor], ex: list[Any], gn: Tensor) -> dict[str, Tensor]:
+        one_leaves = [v.unsqueeze(0) if b else v for v, b in zip(ex, batched)]
+        args, kwargs = tree_unflatten(one_leaves, spec)
+        _, vjp = torch.func.vjp(lambda q: torch.func.functional_call(mod, q, args, kwargs, strict=False), p)
+        return torch.vmap(vjp)(gn.unsqueeze(1))[0]
+
+    numel = sum(p.numel() for p in params.values())
+    leaves = [v.detach() if isinstance(v, Tensor) else v for v in leaves]
+    in_dims = ([0 if b else None for b in batched],)
+    try:
+        per = torch.vmap(one, in_dims=(None, *in_dims, 1), chunk_size=max(1, CHUNK_ELEMENTS // max(1, k * numel))
+                         )(params, leaves, g)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+        raise Unsupported(f"{type(mod).__name__}: per-example gradients of the module failed ({exc})") from None
+    return {names[n]: _reduce(v.reshape(-1, *v.shape[2:]), names[n], full, params[n].shape) for n, v in per.items()}
