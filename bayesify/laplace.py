@@ -269,12 +269,14 @@ def _head_curvature(sums: dict[str, Tensor], sites: list[Site], a: Tensor, out: 
 
 # -- prior precision ----------------------------------------------------------------------------------
 def _precision_root(evals: list[Tensor], sqnorm: float, count: int) -> float:
-    """The ``d`` where ``d/dd log Z = count / d - sum 1 / (l + d) - sqnorm = 0`` (decreasing in d)."""
+    """The ``d`` where ``d/dd log Z = count / d - sum 1 / (l + d) - sqnorm = 0`` (decreasing in d):
+    bisection in ``log d`` on [1e-8, 1e8], 48 halvings (relative precision ~1e-13)."""
+    e = torch.cat([v.reshape(-1).double() for v in evals])
     lo, hi = math.log(1e-8), math.log(1e8)
-    for _ in range(80):
+    for _ in range(48):
         mid = 0.5 * (lo + hi)
         d = math.exp(mid)
-        g = count / d - sum(float((1.0 / (e + d)).sum()) for e in evals) - sqnorm
+        g = count / d - float(torch.reciprocal(e + d).sum()) - sqnorm
         lo, hi = (mid, hi) if g > 0 else (lo, mid)
     return math.exp(0.5 * (lo + hi))
 
