@@ -145,11 +145,13 @@ def _output_grads(out: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor 
 
 
 def batch_curvature(sums: dict[str, Tensor], sites: list[Site], out: Tensor, cap: Captured, kind: str,
-                    curv: str, y: Tensor | None, full: set[str]) -> None:
-    """Add this batch's GGN (diagonal, or the full block of the sites in ``full``) to ``sums``."""
+                    curv: str, y: Tensor | None, full: set[str], cols: Tensor | None = None) -> None:
+    """Add this batch's GGN (diagonal, or the full block of the sites in ``full``) to ``sums``;
+    ``cols`` ``(K, *out.shape)``: these columns instead of the likelihood's."""
     if not out.requires_grad:  # no selected site reaches the prediction: no curvature
         return
-    n_cols, make = columns(out, kind, curv, y)
+    n_cols, make = (columns(out, kind, curv, y) if cols is None
+                    else (cols.shape[0], lambda lo, hi: cols[lo:hi]))
     by_mod: dict[int, list[Site]] = {}
     for s in sites:
         by_mod.setdefault(id(s.module), []).append(s)

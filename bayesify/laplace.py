@@ -485,7 +485,7 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                 local: dict[str, Tensor] = {}
                 try:
                     if route == "auto" and n_seen == 0:
-                        _check_backprop(bnn, chosen, leaves, spec, batched, y, kind, curv, full, params)
+                        _check_backprop(bnn, chosen, leaves, spec, batched, full)
                     with at_means(bnn):
                         _bp.batch_curvature(local, chosen, out, cap, kind, curv, y, full)
                     route = "backprop"
@@ -583,30 +583,52 @@ def _per_example_sums(sums: dict[str, Tensor], bnn: VIModule, params: dict[str, 
                           RuntimeWarning, stacklevel=4)
 
 
-#: Examples of the first batch on which ``method="auto"`` checks the backprop route against the
-#: per-example one (a model that breaks an assumption of the fast route, e.g. a batch dimension
-#: that is not the first, is caught there and takes the per-example route).
+#: Examples of the first batch on which ``method="auto"`` checks the backprop route against plain
+#: autograd, example by example (a model that breaks an assumption of the fast route, e.g. a batch
+#: dimension that is not the first or a parameter read outside its module's forward, is caught
+#: there and takes the per-example route).
 _CHECK_EXAMPLES = 2
 
 
 def _check_backprop(bnn: VIModule, chosen: list[Site], leaves: list[Any], spec: Any, batched: list[bool],
-                    y: Tensor | None, kind: str, curv: str, full: set[str], params: dict[str, Tensor]) -> None:
+                    full: set[str]) -> None:
+    """For one random output direction ``v`` per example: the backprop route's sum over the first
+    examples of the squared per-example gradients of ``v . f`` equals the one plain autograd gives,
+    one example at a time (the whole network, every use of every parameter)."""
     n = min(_CHECK_EXAMPLES, next(x.shape[0] for x, b in zip(leaves, batched) if b))
-    sub = [x[:n] if b else x for x, b in zip(leaves, batched)]
-    ys = None if y is None else y[:n]
-    args, kwargs = tree_unflatten(sub, spec)
+    args, kwargs = tree_unflatten([x[:n] if b else x for x, b in zip(leaves, batched)], spec)
     fast: dict[str, Tensor] = {}
     with at_means(bnn):
         out, cap = _bp.forward_captured(bnn, chosen, args, kwargs, n)
-        _bp.batch_curvature(fast, chosen, out, cap, kind, curv, ys, full)
-    ref: dict[str, Tensor] = {}
-    _per_example_sums(ref, bnn, params, sub, spec, batched, ys, kind, curv, full, n, {"vmap_ok": True, "warned": True},
-                      warn=False)
+        gen = torch.Generator(device=out.device).manual_seed(0)
+        v = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+        _bp.batch_curvature(fast, chosen, out, cap, "normal", "ggn", None, full, cols=v.unsqueeze(0))
+        del out, cap
+        ref: dict[str, Tensor] = {}
+        means = [s.mean for s in chosen]
+        flags = [p.requires_grad for p in means]
+        try:
+            for p in means:
+                p.requires_grad_(True)
+            for i in range(n):
+                a, kw = tree_unflatten([x[i:i + 1] if b else x for x, b in zip(leaves, batched)], spec)
+                with torch.enable_grad():
+                    o = first_tensor(bnn(*a, **kw))
+                    if o.shape != v[i:i + 1].shape:
+                        raise _bp.Unsupported(f"the model's output for one example has shape {tuple(o.shape)}")
+                    grads = torch.autograd.grad(o, means, v[i:i + 1], allow_unused=True)
+                for s, gr in zip(chosen, grads):
+                    gr = torch.zeros_like(s.mean) if gr is None else gr.detach()
+                    add = torch.outer(gr.reshape(-1), gr.reshape(-1)) if s.qualname in full else gr.square()
+                    ref[s.qualname] = add if s.qualname not in ref else ref[s.qualname] + add
+        finally:
+            for p, req in zip(means, flags):
+                p.requires_grad_(req)
     for q, r in ref.items():
         f = fast.get(q, torch.zeros_like(r))
         tol = 1e-6 if r.dtype == torch.float64 else 1e-3
         if not torch.allclose(f.to(r.dtype), r, rtol=tol, atol=tol * float(r.abs().max()) + 1e-30):
-            raise _bp.Unsupported(f"its curvature of {q} differs from the per-example route's on the first examples")
+            raise _bp.Unsupported(f"its per-example gradients of {q} differ from autograd's on the first examples")
 
 
 def _select(bnn: VIModule, sites: list[Site], include: Any, structure: dict[str, str], args: tuple,
