@@ -350,3 +350,60 @@ def _generic(mod: nn.Module, names: dict[str, str], a: tuple, kw: dict, g: Tenso
     if var is not None:
         return {COV: sum(_cov(per[n], var[q]) for n, q in names.items())}
     return {names[n]: _reduce(v.reshape(-1, *v.shape[2:]), names[n], full, params[n].shape) for n, v in per.items()}
+
+
+# -- the output covariance of the linearised predictive ---------------------------------------------------
+#: Largest number of outputs per example for which :func:`output_covariance` forms ``(B, K, K)``.
+MAX_COV_OUTPUTS = 64
+
+
+def output_covariance(root: nn.Module, groups: dict[str, list[Site]], var: dict[str, Tensor], args: tuple,
+                      kwargs: dict, bsz: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(f(x, mean), {group: J diag(var) J^T})``: the outputs at the means ``(B, *out)`` and, per group of
+    sites, the per-example covariance ``(B, K, K)`` of the linearised outputs ``f + J delta`` for
+    ``delta ~ N(0, diag(var))`` (``K`` outputs per example); one forward and one batched backward of
+    the ``K`` output directions. Call inside ``at_means``."""
+    sites = [s for ss in groups.values() for s in ss]
+    out, cap = forward_captured(root, sites, args, kwargs, bsz)
+    k = out[0].numel()
+    if k > MAX_COV_OUTPUTS:
+        raise Unsupported(f"{k} outputs per example (more than MAX_COV_OUTPUTS={MAX_COV_OUTPUTS})")
+    covs = {g: torch.zeros(bsz, k, k, dtype=out.dtype, device=out.device) for g in groups}
+    if not out.requires_grad or not sites:
+        return out.detach(), covs
+    _, make = columns(out, "normal", "ggn", None)
+    mods: dict[int, nn.Module] = {id(s.module): s.module for s in sites}
+    keys = list(mods)
+    grads = _output_grads(out, [cap.calls[key][0][2] for key in keys], make(0, k))
+    for key, g in zip(keys, grads):
+        if g is None:
+            continue
+        a, kw, _ = cap.calls[key][0]
+        for name, ss in groups.items():
+            mine = [s for s in ss if id(s.module) == key]
+            if mine:
+                covs[name] += _site_curvature(mods[key], mine, a, kw, g.detach(), set(), var)[COV].to(out.dtype)
+    return out.detach(), covs
+
+
+def autograd_output_covariance(root: nn.Module, sites: list[Site], var: dict[str, Tensor], args: tuple,
+                               kwargs: dict) -> Tensor:
+    """The reference for :func:`output_covariance` on one example (batch of one): ``J diag(var) J^T``
+    from plain autograd, one output at a time. Call inside ``at_means``."""
+    means = [s.mean for s in sites]
+    flags = [p.requires_grad for p in means]
+    try:
+        for p in means:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            o = first_tensor(root(*args, **kwargs)).reshape(-1)
+            rows = []
+            for i in range(o.numel()):
+                gs = torch.autograd.grad(o[i], means, retain_graph=True, allow_unused=True)
+                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(means, gs)]))
+    finally:
+        for p, req in zip(means, flags):
+            p.requires_grad_(req)
+    j = torch.stack(rows).detach()
+    v = torch.cat([var[s.qualname].reshape(-1) for s in sites]).to(j.dtype)
+    return (j * v) @ j.T

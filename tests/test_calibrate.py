@@ -38,8 +38,8 @@ def test_linearised_grid_matches_predict_and_never_worsens_val_nll() -> None:
     xv, yv = _data(60, 1)
     before = bf.predict(bnn, xv, samples=16, generator=torch.Generator().manual_seed(5))
     cal = bf.calibrate(bnn, [(xv[:30], yv[:30]), (xv[30:], yv[30:])], samples=16,
-                       generator=torch.Generator().manual_seed(5))
-    assert cal.linearized and cal.n_examples == 60
+                       generator=torch.Generator().manual_seed(5), method="jvp")  # bf.predict's draws
+    assert cal.linearized and cal.n_examples == 60 and cal.method == "jvp"
     assert cal.nll <= cal.nll_before + 1e-12
     assert cal.nll_before == pytest.approx(bf.metrics.nll(before.probs, yv), rel=1e-5)
     # The grid's value for the chosen scale is the NLL of bf.predict on the rescaled model (same draws).
@@ -52,7 +52,8 @@ def test_softmax_temperature_is_applied_and_survives_save_load(tmp_path) -> None
     bnn = _fitted()
     xv, yv = _data(60, 1)
     logits_before = bnn.model(xv).detach()
-    cal = bf.calibrate(bnn, (xv, yv), posterior=False, softmax=True, generator=torch.Generator().manual_seed(0))
+    cal = bf.calibrate(bnn, (xv, yv), posterior=False, softmax=True, temperatures=[0.5, 2.0],
+                       generator=torch.Generator().manual_seed(0))
     t = cal.softmax_temperature
     assert t != 1.0 and bnn.predictive["softmax_temperature"] == t
     # With the spreads at (numerically) zero, the prediction is the temperature-scaled point softmax.
