@@ -136,6 +136,9 @@ def columns(out: Tensor, kind: str, curv: str, y: Tensor | None) -> tuple[int, A
 
 
 def _output_grads(out: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor | None]:
+    if cols.shape[0] == 1:  # one column (MC Fisher): a plain backward, no batching
+        return [None if g is None else g.unsqueeze(0)
+                for g in torch.autograd.grad(out, outs, cols[0], retain_graph=True, allow_unused=True)]
     try:
         return list(torch.autograd.grad(out, outs, cols, retain_graph=True, allow_unused=True,
                                         is_grads_batched=True))
@@ -387,9 +390,10 @@ def output_covariance(root: nn.Module, groups: dict[str, list[Site]], var: dict[
 
 
 def autograd_output_covariance(root: nn.Module, sites: list[Site], var: dict[str, Tensor], args: tuple,
-                               kwargs: dict) -> Tensor:
-    """The reference for :func:`output_covariance` on one example (batch of one): ``J diag(var) J^T``
-    from plain autograd, one output at a time. Call inside ``at_means``."""
+                               kwargs: dict, v: Tensor) -> float:
+    """The reference for :func:`output_covariance` on one example (batch of one), along the output
+    direction ``v``: ``v^T J diag(var) J^T v = sum_w var_w (d (v . f) / d w)^2`` from plain autograd
+    (the whole network, every use of every parameter). Call inside ``at_means``."""
     means = [s.mean for s in sites]
     flags = [p.requires_grad for p in means]
     try:
@@ -397,13 +401,11 @@ def autograd_output_covariance(root: nn.Module, sites: list[Site], var: dict[str
             p.requires_grad_(True)
         with torch.enable_grad():
             o = first_tensor(root(*args, **kwargs)).reshape(-1)
-            rows = []
-            for i in range(o.numel()):
-                gs = torch.autograd.grad(o[i], means, retain_graph=True, allow_unused=True)
-                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(means, gs)]))
+            if o.numel() != v.numel():
+                raise Unsupported(f"the model's output for one example has {o.numel()} elements, not {v.numel()}")
+            gs = torch.autograd.grad(o, means, v.to(o.dtype), allow_unused=True)
     finally:
         for p, req in zip(means, flags):
             p.requires_grad_(req)
-    j = torch.stack(rows).detach()
-    v = torch.cat([var[s.qualname].reshape(-1) for s in sites]).to(j.dtype)
-    return (j * v) @ j.T
+    return sum(float((var[s.qualname].double() * g.detach().double().square()).sum())
+               for s, g in zip(sites, gs) if g is not None)

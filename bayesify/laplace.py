@@ -268,17 +268,27 @@ def _head_curvature(sums: dict[str, Tensor], sites: list[Site], a: Tensor, out: 
 
 
 # -- prior precision ----------------------------------------------------------------------------------
-def _precision_root(evals: list[Tensor], sqnorm: float, count: int) -> float:
-    """The ``d`` where ``d/dd log Z = count / d - sum 1 / (l + d) - sqnorm = 0`` (decreasing in d):
+def _precision_root(evals: list[Tensor], sqnorm: float) -> float:
+    """The ``d`` where ``d/dd log Z = P / d - sum 1 / (l + d) - sqnorm = 0`` (``P`` eigenvalues ``l``; decreasing in d):
     bisection in ``log d`` on [1e-8, 1e8], 48 halvings (relative precision ~1e-13)."""
+    return float(_precision_roots([torch.cat([v.reshape(-1) for v in evals])], [sqnorm])[0])
+
+
+def _precision_roots(evals: list[Tensor], sqnorms: list[float]) -> Tensor:
+    """:func:`_precision_root` for several groups at once (one bisection over all of them)."""
     e = torch.cat([v.reshape(-1).double() for v in evals])
-    lo, hi = math.log(1e-8), math.log(1e8)
+    seg = torch.cat([torch.full((v.numel(),), i, dtype=torch.long) for i, v in enumerate(evals)])
+    count = torch.tensor([float(v.numel()) for v in evals], dtype=torch.float64)
+    sq = torch.tensor(sqnorms, dtype=torch.float64)
+    lo = torch.full((len(evals),), math.log(1e-8), dtype=torch.float64)
+    hi = torch.full((len(evals),), math.log(1e8), dtype=torch.float64)
     for _ in range(48):
         mid = 0.5 * (lo + hi)
-        d = math.exp(mid)
-        g = count / d - float(torch.reciprocal(e + d).sum()) - sqnorm
-        lo, hi = (mid, hi) if g > 0 else (lo, mid)
-    return math.exp(0.5 * (lo + hi))
+        d = mid.exp()
+        g = count / d - torch.zeros_like(d).index_add_(0, seg, torch.reciprocal(e + d[seg])) - sq
+        up = g > 0
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    return (0.5 * (lo + hi)).exp()
 
 
 def _log_evidence_terms(evals: Tensor, sqnorm: float, d: float) -> float:
@@ -526,10 +536,11 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     sqn = {s.qualname: float(s.mean.detach().double().square().sum()) for s in chosen}
     if prior_precision == "marglik":
         if pstruct == "scalar":
-            d = _precision_root(list(evals.values()), sum(sqn.values()), sum(e.numel() for e in evals.values()))
+            d = _precision_root(list(evals.values()), sum(sqn.values()))
             precision = {q: d for q in evals}
         else:
-            precision = {q: _precision_root([e], sqn[q], e.numel()) for q, e in evals.items()}
+            roots = _precision_roots(list(evals.values()), [sqn[q] for q in evals])
+            precision = {q: float(d) for q, d in zip(evals, roots)}
     elif prior_precision == "val":
         precision = {q: 1.0 for q in evals}  # chosen after the pass (select_prior_precision)
     else:
