@@ -269,26 +269,31 @@ def _head_curvature(sums: dict[str, Tensor], sites: list[Site], a: Tensor, out: 
 
 # -- prior precision ----------------------------------------------------------------------------------
 def _precision_root(evals: list[Tensor], sqnorm: float) -> float:
-    """The ``d`` where ``d/dd log Z = P / d - sum 1 / (l + d) - sqnorm = 0`` (``P`` eigenvalues ``l``; decreasing in d):
-    bisection in ``log d`` on [1e-8, 1e8], 48 halvings (relative precision ~1e-13)."""
-    return float(_precision_roots([torch.cat([v.reshape(-1) for v in evals])], [sqnorm])[0])
-
-
-def _precision_roots(evals: list[Tensor], sqnorms: list[float]) -> Tensor:
-    """:func:`_precision_root` for several groups at once (one bisection over all of them)."""
-    e = torch.cat([v.reshape(-1).double() for v in evals])
-    seg = torch.cat([torch.full((v.numel(),), i, dtype=torch.long) for i, v in enumerate(evals)])
-    count = torch.tensor([float(v.numel()) for v in evals], dtype=torch.float64)
-    sq = torch.tensor(sqnorms, dtype=torch.float64)
-    lo = torch.full((len(evals),), math.log(1e-8), dtype=torch.float64)
-    hi = torch.full((len(evals),), math.log(1e8), dtype=torch.float64)
-    for _ in range(48):
-        mid = 0.5 * (lo + hi)
-        d = mid.exp()
-        g = count / d - torch.zeros_like(d).index_add_(0, seg, torch.reciprocal(e + d[seg])) - sq
-        up = g > 0
-        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
-    return (0.5 * (lo + hi)).exp()
+    """The ``d`` where ``g(d) = d/dd log Z = P / d - sum 1 / (l + d) - sqnorm = 0`` over the ``P``
+    eigenvalues ``l`` (``g`` decreases in ``d``): safeguarded Newton in ``t = log d`` on the bracket
+    [1e-8, 1e8] (a bisection step wherever Newton would leave it); ~10 passes over the eigenvalues."""
+    e = torch.cat([v.reshape(-1) for v in evals]).double()
+    count = e.numel()
+    e = e[e > 0]  # zero eigenvalues (e.g. embedding rows the data never looks up) in closed form
+    zeros = count - e.numel()
+    lo, hi = math.log(1e-8), math.log(1e8)
+    t = min(max(math.log(count / sqnorm) if sqnorm > 0 else hi, lo), hi)
+    for _ in range(100):
+        d = math.exp(t)
+        r = torch.reciprocal(e + d)
+        g = (count - zeros) / d - float(r.sum()) - sqnorm
+        if g > 0:
+            lo = t
+        else:
+            hi = t
+        # dg/dt = d g'(d) = -P / d + d sum 1 / (l + d)^2 = -(P - zeros) / d + d sum_{l > 0} 1 / (l + d)^2 (< 0)
+        slope = -(count - zeros) / d + d * float(r.square().sum())
+        step = t - g / slope if slope < 0 else 0.5 * (lo + hi)
+        new = step if lo < step < hi else 0.5 * (lo + hi)
+        if abs(new - t) < 1e-12 or hi - lo < 1e-12:
+            return math.exp(new)
+        t = new
+    return math.exp(t)
 
 
 def _log_evidence_terms(evals: Tensor, sqnorm: float, d: float) -> float:
@@ -539,8 +544,7 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
             d = _precision_root(list(evals.values()), sum(sqn.values()))
             precision = {q: d for q in evals}
         else:
-            roots = _precision_roots(list(evals.values()), [sqn[q] for q in evals])
-            precision = {q: float(d) for q, d in zip(evals, roots)}
+            precision = {q: _precision_root([e], sqn[q]) for q, e in evals.items()}
     elif prior_precision == "val":
         precision = {q: 1.0 for q in evals}  # chosen after the pass (select_prior_precision)
     else:
