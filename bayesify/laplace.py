@@ -7,27 +7,39 @@ sets each site's variance to the Laplace posterior around them,
     var = diag((H + prior_precision I)^-1)   (sites with structure "full")
 
 where ``H`` is the generalised Gauss-Newton (GGN) matrix of the negative log likelihood
-summed over the data set. What is computed, per example, with ``torch.func``:
+summed over the data set. What is computed:
 
-- ``likelihood="categorical"``, ``curvature="ggn"`` (default): the *exact* GGN diagonal,
+- ``likelihood="categorical"``, ``curvature="ggn"``: the *exact* GGN diagonal,
   ``sum_c (J^T L)_c^2`` with ``L L^T = diag(p) - p p^T``; ``L = diag(sqrt p) - p sqrt(p)^T``,
   so column ``c`` of ``J^T L`` is the gradient of ``sqrt(p_c) (f_c - p.f)`` (``p`` held fixed):
-  ``C`` gradients per example (``vmap`` over the examples of ``jacrev``). For a softmax this
-  equals the exact Fisher ``E_{y ~ p}[(d log p_y)^2]``.
-- ``curvature="mc"``: the Monte Carlo Fisher with one label drawn from the model per example
-  (``vmap`` of ``grad``): one gradient per example instead of ``C``, unbiased, noisier;
-  for many classes (language models) or large networks.
+  ``C`` gradients per example. For a softmax this equals the exact Fisher
+  ``E_{y ~ p}[(d log p_y)^2]``.
+- ``curvature="mc"``: the Monte Carlo Fisher with one label drawn from the model per example:
+  one gradient per example instead of ``C``, unbiased, noisier; for many classes (language
+  models) or large networks. ``curvature="auto"`` (default): exact up to ``AUTO_EXACT_COLUMNS``
+  outputs per example, MC beyond.
 - ``likelihood="normal"``: ``J^T J / noise_std^2`` (GGN = Fisher), ``noise_std`` given or the
   maximum-likelihood value from the residuals of the pass.
 - A selection that is one ``Linear`` whose output *is* the prediction (``include="last_layer"``
   on a classifier head) needs no Jacobian: its GGN is ``sum_n Lambda_n (x) a_n a_n^T`` from the
   layer's inputs ``a_n``, collected by a hook during one forward pass.
 
+How the per-example gradients are formed (``method=``): ``"backprop"`` (``bayesify._backprop_ggn``):
+one forward records each site module's input, one backward per loss-Hessian column gives each
+module's per-example output gradients, and each site's per-example gradients follow in closed
+form (Linear, Conv1d/2d, LayerNorm, Embedding; any other module by ``torch.func`` on the module
+alone) -- no per-example Jacobian of the network and no ``vmap`` over its examples (which Hugging
+Face's mask checks refuse). ``"per_example"``: ``torch.func`` per-example Jacobians of the whole
+network (``vmap`` over the examples of ``jacrev``; example by example where vmap fails), the
+reference. ``"auto"`` (default): backprop, after checking it against plain autograd on two
+examples of the first batch; per example where it does not apply (a tied parameter, a parameter
+read outside its module's forward, a module that runs twice).
+
 The prior precision is chosen by the Laplace marginal likelihood of a zero-centred Gaussian
 prior (the weight-decay reading of the trained weights), per site (``prior_structure="site"``)
 or one for all (``"scalar"``): ``log Z(d) = -d |theta|^2 / 2 + P log d / 2 - sum_i log(l_i + d) / 2``
 over the eigenvalues ``l_i`` of ``H`` (the diagonal entries for a diagonal site), whose
-maximiser is the root of a decreasing function, found by bisection. A prior centred on the
+maximiser is the root of a decreasing function, found by safeguarded Newton steps. A prior centred on the
 pretrained weights would have no maximiser (the evidence grows with ``d`` without bound).
 
 Sites outside ``include`` keep (numerically) no spread: the model is a last-layer Laplace.
@@ -67,7 +79,10 @@ from .variational import MeanFieldNormal, inverse_softplus
 
 __all__ = ["laplace", "LaplaceResult", "CURVATURES", "STRUCTURES"]
 
-CURVATURES = {"ggn": "ggn", "fisher": "ggn", "exact": "ggn", "mc": "mc", "mc_fisher": "mc"}
+CURVATURES = {"auto": "auto", "ggn": "ggn", "fisher": "ggn", "exact": "ggn", "mc": "mc", "mc_fisher": "mc"}
+#: ``curvature="auto"``: the exact GGN up to this many loss-Hessian columns per example (classes x
+#: positions; one backward each), the MC Fisher (one column) beyond.
+AUTO_EXACT_COLUMNS = 16
 STRUCTURES = {"diag": "diag", "diagonal": "diag", "full": "full"}
 METHODS = {"auto": "auto", "backprop": "backprop", "per_example": "per_example", "func": "per_example"}
 #: Largest site (elements) whose full curvature matrix is formed (``structure="full"``).
@@ -309,7 +324,7 @@ def laplace(
     *,
     include: str | list[str] | None = None,
     structure: dict[str, str] | None = None,
-    curvature: str = "ggn",
+    curvature: str = "auto",
     prior_precision: float | str = "marglik",
     prior_structure: str = "site",
     val_data: Any = None,
@@ -334,8 +349,11 @@ def laplace(
             every other site is set to no spread. Default: all sites.
         structure: ``{module glob: "diag" | "full"}``; "full" forms the site's whole GGN (sites of
             at most ``MAX_FULL`` elements) and sets the exact marginal variances of the full posterior.
-        curvature: ``"ggn"`` (exact GGN diagonal; categorical: C gradients per example) or ``"mc"``
-            (Monte Carlo Fisher, one sampled label per example: one gradient per example).
+        curvature: ``"ggn"`` (exact GGN diagonal; categorical: C gradients per example), ``"mc"``
+            (Monte Carlo Fisher, one sampled label per example: one gradient per example), or
+            ``"auto"`` (default): exact up to ``AUTO_EXACT_COLUMNS`` = 16 outputs per example
+            (classes x positions) and for ``likelihood="normal"``, MC beyond (language models, token
+            classification). ``LaplaceResult.curvature_type`` says which ran.
         prior_precision: ``"marglik"`` (Laplace marginal likelihood), ``"val"`` (one precision for all
             sites, the candidate of ``VAL_PRECISIONS`` with the lowest NLL of the linearised
             predictive on ``val_data``) or a positive number.
@@ -443,7 +461,7 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                 params = {s.qualname: s.mean.detach() for s in chosen}
                 numel = sum(p.numel() for p in params.values())
                 owners = {id(s.module) for s in chosen}
-                head = (chosen[0].module if curv == "ggn" and len(owners) == 1 and route != "per_example"
+                head = (chosen[0].module if curv in ("ggn", "auto") and len(owners) == 1 and route != "per_example"
                         and isinstance(chosen[0].module, nn.Linear) and {s.name for s in chosen} <= {"weight", "bias"}
                         else None)
                 if head is None and route != "per_example":
@@ -480,6 +498,8 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                     used.append("last_linear")
                 else:
                     head = None  # the general routes from here on (they compute the same quantity)
+            if curv == "auto":  # decided once, on the first batch
+                curv = "ggn" if (head is not None or kind == "normal" or out[0].numel() <= AUTO_EXACT_COLUMNS) else "mc"
             y = None
             if curv == "mc":
                 logits = out.detach().reshape(bsz, -1, out.shape[-1])
