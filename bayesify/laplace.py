@@ -422,8 +422,9 @@ def laplace(
     try:
         for p, _ in grads:
             p.requires_grad_(False)
-        result = _run(bnn, batches, total, kind, curv, include, structure, prior_precision, pstruct, noise_std,
-                      dataset_size, chunk_size, generator, progress, all_sites, device, t0, route)
+        with at_means(bnn):
+            result = _run(bnn, batches, total, kind, curv, include, structure, prior_precision, pstruct, noise_std,
+                          dataset_size, chunk_size, generator, progress, all_sites, device, t0, route)
         if prior_precision == "val":
             from .calibrate import select_prior_precision
 
