@@ -369,7 +369,7 @@ def laplace(
             site module's input, one backward per loss-Hessian column, each site's per-example
             gradients in closed form: ``bayesify._backprop_ggn``), ``"per_example"`` (``torch.func``
             per-example Jacobians of the whole network; the reference), or ``"auto"`` (default):
-            backprop where it applies (checked against the per-example route on the first batch),
+            backprop where it applies (checked against plain autograd on two examples of the first batch),
             else per example. Both give the same numbers.
     """
     t0 = time.perf_counter()
@@ -452,6 +452,8 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     n_resid = 0
     state = {"vmap_ok": True, "warned": False}
     used: list[str] = []
+    use_bp = route != "per_example"  # the backprop route, until it does not apply
+    verified = False  # checked against autograd (method="auto") and run once
     with _progress(progress, total, "laplace") as advance:
         for i, batch in enumerate(batches):
             args, kwargs, target = _split(batch, f"batch {i}")
@@ -462,14 +464,14 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                 params = {s.qualname: s.mean.detach() for s in chosen}
                 numel = sum(p.numel() for p in params.values())
                 owners = {id(s.module) for s in chosen}
-                head = (chosen[0].module if curv in ("ggn", "auto") and len(owners) == 1 and route != "per_example"
+                head = (chosen[0].module if curv in ("ggn", "auto") and len(owners) == 1 and use_bp
                         and isinstance(chosen[0].module, nn.Linear) and {s.name for s in chosen} <= {"weight", "bias"}
                         else None)
-                if head is None and route != "per_example":
+                if head is None and use_bp:
                     try:
                         _bp.check_sites(bnn, chosen)
                     except _bp.Unsupported as exc:
-                        route = _no_backprop(route, str(exc))
+                        use_bp = _no_backprop(route, str(exc))
             leaves, spec = tree_flatten((args, kwargs))
             bsz = next((x.shape[0] for x in leaves if isinstance(x, Tensor) and x.dim() > 0), None)
             if bsz is None:
@@ -477,12 +479,18 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
             batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == bsz for x in leaves]
             head_io: list[tuple[Tensor, Tensor]] = []
             cap = None
-            if head is None and route != "per_example":
+            if head is None and use_bp:
                 try:
                     with at_means(bnn):
                         out, cap = _bp.forward_captured(bnn, chosen, args, kwargs, bsz)
                 except _bp.Unsupported as exc:
-                    route, cap = _no_backprop(route, str(exc)), None
+                    use_bp, cap = _no_backprop(route, str(exc)), None
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    if route != "auto" or verified:
+                        raise
+                    # e.g. a batch-1 output the route expanded; the per-example route reruns the batch
+                    # (an error there is the model's own and propagates)
+                    use_bp, cap = False, None
             if cap is None:
                 hook = (head.register_forward_hook(lambda m, i, o: head_io.append((i[0], o)))
                         if head is not None else None)
@@ -520,14 +528,14 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
             if cap is not None:
                 local: dict[str, Tensor] = {}
                 try:
-                    if route == "auto" and n_seen == 0:
+                    if route == "auto" and not verified:
                         _check_backprop(bnn, chosen, leaves, spec, batched, full)
                     with at_means(bnn):
                         _bp.batch_curvature(local, chosen, out, cap, kind, curv, y, full)
-                    route = "backprop"
-                    used.append(route)
+                    verified = True
+                    used.append("backprop")
                 except _bp.Unsupported as exc:
-                    route, cap = _no_backprop(route, str(exc)), None
+                    use_bp, cap = _no_backprop(route, str(exc)), None
                 else:
                     for q, v in local.items():
                         sums[q] = v if q not in sums else sums[q] + v
@@ -583,11 +591,11 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     return result
 
 
-def _no_backprop(route: str, why: str) -> str:
-    """The per-example route from here on (``method="backprop"`` asked for the fast route: an error)."""
+def _no_backprop(route: str, why: str) -> bool:
+    """False: the per-example route from here on (``method="backprop"`` asked for the fast route: an error)."""
     if route == "backprop":
         raise ValueError(f"laplace(method='backprop') does not apply to this model: {why}; use method='auto'")
-    return "per_example"
+    return False
 
 
 def _per_example_sums(sums: dict[str, Tensor], bnn: VIModule, params: dict[str, Tensor], leaves: list[Any],
