@@ -264,6 +264,7 @@ def select_prior_precision(bnn: VIModule, result: Any, val_data: Any, candidates
     data = _load(bnn, val_data)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else None))
     scores = []
+    route = "auto"
     modes = [(m, m.training) for m in bnn.modules()]
     bnn.eval()
     try:
@@ -272,7 +273,8 @@ def select_prior_precision(bnn: VIModule, result: Any, val_data: Any, candidates
                 apply(bnn, result, float(d))
                 sites = list(iter_sites(bnn))
                 ev = _Linear(bnn, data, {"all": sites}, samples,
-                             torch.Generator(device=sites[0].mean.device).manual_seed(seed))
+                             torch.Generator(device=sites[0].mean.device).manual_seed(seed), route)
+                route = ev.method  # checked on the first candidate; the same route for the others
                 nll = ev.nll({"all": 1.0}, None, None, (lambda o, y: _nll_categorical(o, y, torch.ones(1)))
                              if kind == "categorical" else (lambda o, y: _nll_normal(o, y, noise_var)))
                 scores.append(float(nll.min()))
