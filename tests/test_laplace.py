@@ -406,3 +406,22 @@ def test_auto_falls_back_where_backprop_does_not_apply() -> None:
     assert bf.laplace(bf.bayesify(tied.double()), [x], progress=False).method == "per_example"
     with pytest.raises(ValueError, match="method"):
         bf.laplace(bf.bayesify(net), [x], method="fastest", progress=False)
+
+
+def test_val_prior_precision() -> None:
+    """prior_precision="val": one precision for all sites from VAL_PRECISIONS, the lowest held-out NLL of
+    the linearised predictive; the spreads are the Laplace posterior's for it."""
+    from bayesify.laplace import VAL_PRECISIONS
+
+    net = small_net()
+    gen = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(20, 1, 4, 4, generator=gen, dtype=torch.float64), torch.randn(16, 1, 4, 4, generator=gen,
+                                                                                      dtype=torch.float64)
+    y, yv = net(x).argmax(1).detach(), torch.randint(0, 4, (16,), generator=gen)
+    bnn = bf.bayesify(net)
+    r = bf.laplace(bnn, [(x, y)], prior_precision="val", val_data=(xv, yv), progress=False,
+                   generator=torch.Generator().manual_seed(1))
+    (d,) = set(r.prior_precision.values())
+    assert d in VAL_PRECISIONS
+    q = "model.3.weight"
+    torch.testing.assert_close(_std(bnn, q).square(), 1 / (r.curvature[q] + d), rtol=1e-5, atol=0)
