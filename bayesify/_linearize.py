@@ -23,6 +23,8 @@ __all__ = ["math_attention", "at_means", "spread_sites", "mean_output", "site_me
            "perturbations"]
 
 _ABSENT = object()
+#: ids of the roots inside :func:`at_means` (a nested call on the same root is free).
+_ACTIVE: set[int] = set()
 
 
 def math_attention() -> Any:
@@ -38,14 +40,19 @@ def at_means(root: nn.Module) -> Iterator[None]:
     """Within: calling ``root`` (or any VIModule in it) without ``samples=`` runs its forward
     with the parameters as they are (the means, or what ``functional_call`` substitutes);
     attention runs on the math kernel (:func:`math_attention`)."""
+    if id(root) in _ACTIVE:  # already inside at_means(root): nothing to set again
+        yield
+        return
     mods = [m for m in root.modules() if isinstance(m, VIModule)]
     saved = [(m, m.__dict__.get("_means_outside_sampling", _ABSENT)) for m in mods]
     for m in mods:
         m._means_outside_sampling = True
+    _ACTIVE.add(id(root))
     try:
         with math_attention():
             yield
     finally:
+        _ACTIVE.discard(id(root))
         for m, old in saved:
             if old is _ABSENT:
                 m.__dict__.pop("_means_outside_sampling", None)

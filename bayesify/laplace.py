@@ -7,27 +7,39 @@ sets each site's variance to the Laplace posterior around them,
     var = diag((H + prior_precision I)^-1)   (sites with structure "full")
 
 where ``H`` is the generalised Gauss-Newton (GGN) matrix of the negative log likelihood
-summed over the data set. What is computed, per example, with ``torch.func``:
+summed over the data set. What is computed:
 
-- ``likelihood="categorical"``, ``curvature="ggn"`` (default): the *exact* GGN diagonal,
+- ``likelihood="categorical"``, ``curvature="ggn"``: the *exact* GGN diagonal,
   ``sum_c (J^T L)_c^2`` with ``L L^T = diag(p) - p p^T``; ``L = diag(sqrt p) - p sqrt(p)^T``,
   so column ``c`` of ``J^T L`` is the gradient of ``sqrt(p_c) (f_c - p.f)`` (``p`` held fixed):
-  ``C`` gradients per example (``vmap`` over the examples of ``jacrev``). For a softmax this
-  equals the exact Fisher ``E_{y ~ p}[(d log p_y)^2]``.
-- ``curvature="mc"``: the Monte Carlo Fisher with one label drawn from the model per example
-  (``vmap`` of ``grad``): one gradient per example instead of ``C``, unbiased, noisier;
-  for many classes (language models) or large networks.
+  ``C`` gradients per example. For a softmax this equals the exact Fisher
+  ``E_{y ~ p}[(d log p_y)^2]``.
+- ``curvature="mc"``: the Monte Carlo Fisher with one label drawn from the model per example:
+  one gradient per example instead of ``C``, unbiased, noisier; for many classes (language
+  models) or large networks. ``curvature="auto"`` (default): exact up to ``AUTO_EXACT_COLUMNS``
+  outputs per example, MC beyond.
 - ``likelihood="normal"``: ``J^T J / noise_std^2`` (GGN = Fisher), ``noise_std`` given or the
   maximum-likelihood value from the residuals of the pass.
 - A selection that is one ``Linear`` whose output *is* the prediction (``include="last_layer"``
   on a classifier head) needs no Jacobian: its GGN is ``sum_n Lambda_n (x) a_n a_n^T`` from the
   layer's inputs ``a_n``, collected by a hook during one forward pass.
 
+How the per-example gradients are formed (``method=``): ``"backprop"`` (``bayesify._backprop_ggn``):
+one forward records each site module's input, one backward per loss-Hessian column gives each
+module's per-example output gradients, and each site's per-example gradients follow in closed
+form (Linear, Conv1d/2d, LayerNorm, Embedding; any other module by ``torch.func`` on the module
+alone) -- no per-example Jacobian of the network and no ``vmap`` over its examples (which Hugging
+Face's mask checks refuse). ``"per_example"``: ``torch.func`` per-example Jacobians of the whole
+network (``vmap`` over the examples of ``jacrev``; example by example where vmap fails), the
+reference. ``"auto"`` (default): backprop, after checking it against plain autograd on two
+examples of the first batch; per example where it does not apply (a tied parameter, a parameter
+read outside its module's forward, a module that runs twice).
+
 The prior precision is chosen by the Laplace marginal likelihood of a zero-centred Gaussian
 prior (the weight-decay reading of the trained weights), per site (``prior_structure="site"``)
 or one for all (``"scalar"``): ``log Z(d) = -d |theta|^2 / 2 + P log d / 2 - sum_i log(l_i + d) / 2``
 over the eigenvalues ``l_i`` of ``H`` (the diagonal entries for a diagonal site), whose
-maximiser is the root of a decreasing function, found by bisection. A prior centred on the
+maximiser is the root of a decreasing function, found by safeguarded Newton steps. A prior centred on the
 pretrained weights would have no maximiser (the evidence grows with ``d`` without bound).
 
 Sites outside ``include`` keep (numerically) no spread: the model is a last-layer Laplace.
@@ -58,6 +70,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._choices import lookup
+from . import _backprop_ggn as _bp
 from ._linearize import at_means, mean_output
 from .loss import LIKELIHOODS, first_tensor
 from .module import VIModule, _vmap_cause
@@ -66,8 +79,12 @@ from .variational import MeanFieldNormal, inverse_softplus
 
 __all__ = ["laplace", "LaplaceResult", "CURVATURES", "STRUCTURES"]
 
-CURVATURES = {"ggn": "ggn", "fisher": "ggn", "exact": "ggn", "mc": "mc", "mc_fisher": "mc"}
+CURVATURES = {"auto": "auto", "ggn": "ggn", "fisher": "ggn", "exact": "ggn", "mc": "mc", "mc_fisher": "mc"}
+#: ``curvature="auto"``: the exact GGN up to this many loss-Hessian columns per example (classes x
+#: positions; one backward each), the MC Fisher (one column) beyond.
+AUTO_EXACT_COLUMNS = 16
 STRUCTURES = {"diag": "diag", "diagonal": "diag", "full": "full"}
+METHODS = {"auto": "auto", "backprop": "backprop", "per_example": "per_example", "func": "per_example"}
 #: Largest site (elements) whose full curvature matrix is formed (``structure="full"``).
 MAX_FULL = 8192
 #: Spread of the sites outside ``include`` (a point mass in all but name).
@@ -92,6 +109,9 @@ class LaplaceResult:
     log_evidence: float
     seconds: float
     noise_std: float | None = None
+    #: How the curvature was computed: "backprop", "per_example", or "last_linear" (a last Linear
+    #: in closed form from its inputs); several joined by "+" where the route changed mid-pass.
+    method: str = ""
     curvature: dict[str, Any] = field(default_factory=dict, repr=False)
     structure: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -263,15 +283,32 @@ def _head_curvature(sums: dict[str, Tensor], sites: list[Site], a: Tensor, out: 
 
 
 # -- prior precision ----------------------------------------------------------------------------------
-def _precision_root(evals: list[Tensor], sqnorm: float, count: int) -> float:
-    """The ``d`` where ``d/dd log Z = count / d - sum 1 / (l + d) - sqnorm = 0`` (decreasing in d)."""
+def _precision_root(evals: list[Tensor], sqnorm: float) -> float:
+    """The ``d`` where ``g(d) = d/dd log Z = P / d - sum 1 / (l + d) - sqnorm = 0`` over the ``P``
+    eigenvalues ``l`` (``g`` decreases in ``d``): safeguarded Newton in ``t = log d`` on the bracket
+    [1e-8, 1e8] (a bisection step wherever Newton would leave it); ~10 passes over the eigenvalues."""
+    e = torch.cat([v.reshape(-1) for v in evals]).double()
+    count = e.numel()
+    e = e[e > 0]  # zero eigenvalues (e.g. embedding rows the data never looks up) in closed form
+    zeros = count - e.numel()
     lo, hi = math.log(1e-8), math.log(1e8)
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        d = math.exp(mid)
-        g = count / d - sum(float((1.0 / (e + d)).sum()) for e in evals) - sqnorm
-        lo, hi = (mid, hi) if g > 0 else (lo, mid)
-    return math.exp(0.5 * (lo + hi))
+    t = min(max(math.log(count / sqnorm) if sqnorm > 0 else hi, lo), hi)
+    for _ in range(100):
+        d = math.exp(t)
+        r = torch.reciprocal(e + d)
+        g = (count - zeros) / d - float(r.sum()) - sqnorm
+        if g > 0:
+            lo = t
+        else:
+            hi = t
+        # dg/dt = d g'(d) = -P / d + d sum 1 / (l + d)^2 = -(P - zeros) / d + d sum_{l > 0} 1 / (l + d)^2 (< 0)
+        slope = -(count - zeros) / d + d * float(r.square().sum())
+        step = t - g / slope if slope < 0 else 0.5 * (lo + hi)
+        new = step if lo < step < hi else 0.5 * (lo + hi)
+        if abs(new - t) < 1e-12 or hi - lo < 1e-12:
+            return math.exp(new)
+        t = new
+    return math.exp(t)
 
 
 def _log_evidence_terms(evals: Tensor, sqnorm: float, d: float) -> float:
@@ -287,7 +324,7 @@ def laplace(
     *,
     include: str | list[str] | None = None,
     structure: dict[str, str] | None = None,
-    curvature: str = "ggn",
+    curvature: str = "auto",
     prior_precision: float | str = "marglik",
     prior_structure: str = "site",
     val_data: Any = None,
@@ -296,6 +333,7 @@ def laplace(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    method: str = "auto",
 ) -> LaplaceResult:
     """Set every site's spread to the Laplace posterior around its current mean (in place).
 
@@ -311,8 +349,11 @@ def laplace(
             every other site is set to no spread. Default: all sites.
         structure: ``{module glob: "diag" | "full"}``; "full" forms the site's whole GGN (sites of
             at most ``MAX_FULL`` elements) and sets the exact marginal variances of the full posterior.
-        curvature: ``"ggn"`` (exact GGN diagonal; categorical: C gradients per example) or ``"mc"``
-            (Monte Carlo Fisher, one sampled label per example: one gradient per example).
+        curvature: ``"ggn"`` (exact GGN diagonal; categorical: C gradients per example), ``"mc"``
+            (Monte Carlo Fisher, one sampled label per example: one gradient per example), or
+            ``"auto"`` (default): exact up to ``AUTO_EXACT_COLUMNS`` = 16 outputs per example
+            (classes x positions) and for ``likelihood="normal"``, MC beyond (language models, token
+            classification). ``LaplaceResult.curvature_type`` says which ran.
         prior_precision: ``"marglik"`` (Laplace marginal likelihood), ``"val"`` (one precision for all
             sites, the candidate of ``VAL_PRECISIONS`` with the lowest NLL of the linearised
             predictive on ``val_data``) or a positive number.
@@ -324,6 +365,12 @@ def laplace(
         chunk_size: examples per vectorised Jacobian call (default: from a memory budget).
         generator: for the labels of ``curvature="mc"``.
         progress: a rich progress bar on stderr.
+        method: how the per-example curvature is computed: ``"backprop"`` (one forward recording each
+            site module's input, one backward per loss-Hessian column, each site's per-example
+            gradients in closed form: ``bayesify._backprop_ggn``), ``"per_example"`` (``torch.func``
+            per-example Jacobians of the whole network; the reference), or ``"auto"`` (default):
+            backprop where it applies (checked against plain autograd on two examples of the first batch),
+            else per example. Both give the same numbers.
     """
     t0 = time.perf_counter()
     if not isinstance(bnn, VIModule):
@@ -349,6 +396,7 @@ def laplace(
     if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
                                      or dataset_size < 1):
         raise ValueError(f"dataset_size must be a positive int or None, got {dataset_size!r}")
+    route = lookup("method", method, METHODS)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     all_sites = list(iter_sites(bnn))
@@ -374,8 +422,9 @@ def laplace(
     try:
         for p, _ in grads:
             p.requires_grad_(False)
-        result = _run(bnn, batches, total, kind, curv, include, structure, prior_precision, pstruct, noise_std,
-                      dataset_size, chunk_size, generator, progress, all_sites, device, t0)
+        with at_means(bnn):
+            result = _run(bnn, batches, total, kind, curv, include, structure, prior_precision, pstruct, noise_std,
+                          dataset_size, chunk_size, generator, progress, all_sites, device, t0, route)
         if prior_precision == "val":
             from .calibrate import select_prior_precision
 
@@ -392,7 +441,7 @@ def laplace(
 def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, curv: str, include: Any,
          structure: dict[str, str], prior_precision: float | str, pstruct: str, noise_std: float | None,
          dataset_size: int | None, chunk_size: int | None, generator: torch.Generator | None, progress: bool,
-         all_sites: list[Site], device: torch.device, t0: float) -> LaplaceResult:
+         all_sites: list[Site], device: torch.device, t0: float, route: str = "auto") -> LaplaceResult:
     chosen: list[Site] | None = None
     head: nn.Module | None = None  # a Linear whose output is the prediction: closed-form GGN (_head_curvature)
     full: set[str] = set()
@@ -401,8 +450,10 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     n_seen = 0
     sq_resid = 0.0
     n_resid = 0
-    vmap_ok = True
-    failed_vmap: str | None = None
+    state = {"vmap_ok": True, "warned": False}
+    used: list[str] = []
+    use_bp = route != "per_example"  # the backprop route, until it does not apply
+    verified = False  # checked against autograd (method="auto") and run once
     with _progress(progress, total, "laplace") as advance:
         for i, batch in enumerate(batches):
             args, kwargs, target = _split(batch, f"batch {i}")
@@ -413,68 +464,86 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                 params = {s.qualname: s.mean.detach() for s in chosen}
                 numel = sum(p.numel() for p in params.values())
                 owners = {id(s.module) for s in chosen}
-                head = (chosen[0].module if curv == "ggn" and len(owners) == 1
+                head = (chosen[0].module if curv in ("ggn", "auto") and len(owners) == 1 and use_bp
                         and isinstance(chosen[0].module, nn.Linear) and {s.name for s in chosen} <= {"weight", "bias"}
                         else None)
+                if head is None and use_bp:
+                    try:
+                        _bp.check_sites(bnn, chosen)
+                    except _bp.Unsupported as exc:
+                        use_bp = _no_backprop(route, str(exc))
             leaves, spec = tree_flatten((args, kwargs))
             bsz = next((x.shape[0] for x in leaves if isinstance(x, Tensor) and x.dim() > 0), None)
             if bsz is None:
                 raise ValueError(f"batch {i} has no tensor with a batch dimension")
             batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == bsz for x in leaves]
             head_io: list[tuple[Tensor, Tensor]] = []
-            hook = (head.register_forward_hook(lambda m, i, o: head_io.append((i[0], o)))
-                    if head is not None else None)
-            try:
-                with torch.no_grad(), at_means(bnn):
-                    out = first_tensor(bnn(*args, **kwargs))
-            finally:
-                if hook is not None:
-                    hook.remove()
+            cap = None
+            if head is None and use_bp:
+                try:
+                    with at_means(bnn):
+                        out, cap = _bp.forward_captured(bnn, chosen, args, kwargs, bsz)
+                except _bp.Unsupported as exc:
+                    use_bp, cap = _no_backprop(route, str(exc)), None
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    if route != "auto" or verified:
+                        raise
+                    # e.g. a batch-1 output the route expanded; the per-example route reruns the batch
+                    # (an error there is the model's own and propagates)
+                    use_bp, cap = False, None
+            if cap is None:
+                hook = (head.register_forward_hook(lambda m, i, o: head_io.append((i[0], o)))
+                        if head is not None else None)
+                try:
+                    with torch.no_grad(), at_means(bnn):
+                        out = first_tensor(bnn(*args, **kwargs))
+                finally:
+                    if hook is not None:
+                        hook.remove()
             if head is not None:
                 # The shortcut holds only where the head's output *is* the prediction, from 2-d input.
                 if len(head_io) == 1 and head_io[0][1] is out and head_io[0][0].dim() == 2 and out.dim() == 2:
                     _head_curvature(sums, chosen, head_io[0][0], out, kind, full)
+                    used.append("last_linear")
                 else:
-                    head = None  # the per-example route from here on (it computes the same quantity)
+                    head = None  # the general routes from here on (they compute the same quantity)
+            if curv == "auto":  # decided once, on the first batch
+                curv = "ggn" if (head is not None or kind == "normal" or out[0].numel() <= AUTO_EXACT_COLUMNS) else "mc"
             y = None
             if curv == "mc":
-                logits = out.reshape(bsz, -1, out.shape[-1])
+                logits = out.detach().reshape(bsz, -1, out.shape[-1])
                 y = torch.multinomial(torch.softmax(logits.reshape(-1, out.shape[-1]).float(), -1), 1,
                                       generator=generator).reshape(bsz, -1)
             if kind == "normal" and noise_std is None:
                 if target is None:
                     raise ValueError("likelihood='normal' without noise_std needs targets in the batches "
                                      "((x, y) tuples) to estimate the noise; or pass noise_std=")
-                sq_resid += float((out - _to(target, device).reshape(out.shape)).square().sum())
+                sq_resid += float((out.detach() - _to(target, device).reshape(out.shape)).square().sum())
                 n_resid += out.numel()
             if head is not None:
                 n_seen += bsz
                 advance()
                 continue
-            k_rows = 1 if curv == "mc" else out[:1].numel()
-            one = _per_example(_rows_fn(bnn, kind, curv, spec, batched), full)
-            with at_means(bnn):
-                if vmap_ok:
-                    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, k_rows * numel))
-                    try:
-                        in_dims = ([0 if b else None for b in batched],)
-                        per = torch.vmap(one, in_dims=(None, *in_dims, 0 if y is not None else None),
-                                         chunk_size=chunk)(params, leaves, y)
-                        _accumulate(sums, per, full, True)
-                    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
-                        # Retried example by example: an error there is the model's own and
-                        # propagates; only a loop that succeeds makes this a vmap limit.
-                        vmap_ok, reason = False, _vmap_cause(exc)[0]
-                        failed_vmap = reason
-                if not vmap_ok:
-                    for j in range(bsz):
-                        ex = [x[j] if b else x for x, b in zip(leaves, batched)]
-                        _accumulate(sums, one(params, ex, None if y is None else y[j]), full, False)
-                    if failed_vmap is not None:
-                        warnings.warn(f"laplace: torch.vmap cannot run this model over examples ({failed_vmap}); "
-                                      "computing the curvature example by example (slower, same result)",
-                                      RuntimeWarning, stacklevel=3)
-                        failed_vmap = None
+            k_rows = 1 if curv == "mc" else out[0].numel()
+            if cap is not None:
+                local: dict[str, Tensor] = {}
+                try:
+                    if route == "auto" and not verified:
+                        _check_backprop(bnn, chosen, leaves, spec, batched, full)
+                    with at_means(bnn):
+                        _bp.batch_curvature(local, chosen, out, cap, kind, curv, y, full)
+                    verified = True
+                    used.append("backprop")
+                except _bp.Unsupported as exc:
+                    use_bp, cap = _no_backprop(route, str(exc)), None
+                else:
+                    for q, v in local.items():
+                        sums[q] = v if q not in sums else sums[q] + v
+                del out, local
+            if cap is None:
+                _per_example_sums(sums, bnn, params, leaves, spec, batched, y, kind, curv, full,
+                                  chunk_size or max(1, _CHUNK_ELEMENTS // max(1, k_rows * numel)), state)
+                used.append("per_example")
             n_seen += bsz
             advance()
     if chosen is None:
@@ -501,10 +570,10 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     sqn = {s.qualname: float(s.mean.detach().double().square().sum()) for s in chosen}
     if prior_precision == "marglik":
         if pstruct == "scalar":
-            d = _precision_root(list(evals.values()), sum(sqn.values()), sum(e.numel() for e in evals.values()))
+            d = _precision_root(list(evals.values()), sum(sqn.values()))
             precision = {q: d for q in evals}
         else:
-            precision = {q: _precision_root([e], sqn[q], e.numel()) for q, e in evals.items()}
+            precision = {q: _precision_root([e], sqn[q]) for q, e in evals.items()}
     elif prior_precision == "val":
         precision = {q: 1.0 for q in evals}  # chosen after the pass (select_prior_precision)
     else:
@@ -512,6 +581,7 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     log_ev = sum(_log_evidence_terms(evals[q], sqn[q], precision[q]) for q in evals)
     result = LaplaceResult(likelihood=kind, curvature_type=curv, n_examples=n_seen, prior_precision=precision,
                            log_evidence=log_ev, seconds=0.0, noise_std=sigma, curvature=curvature,
+                           method="+".join(dict.fromkeys(used)),
                            structure=struct_of)
     apply(bnn, result)
     # The predictive under which a Laplace posterior is meant to be used (bf.predict's default now).
@@ -519,6 +589,93 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
     bnn.predictive = {"linearized": True}
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _no_backprop(route: str, why: str) -> bool:
+    """False: the per-example route from here on (``method="backprop"`` asked for the fast route: an error)."""
+    if route == "backprop":
+        raise ValueError(f"laplace(method='backprop') does not apply to this model: {why}; use method='auto'")
+    return False
+
+
+def _per_example_sums(sums: dict[str, Tensor], bnn: VIModule, params: dict[str, Tensor], leaves: list[Any],
+                      spec: Any, batched: list[bool], y: Tensor | None, kind: str, curv: str, full: set[str],
+                      chunk: int, state: dict[str, Any], warn: bool = True) -> None:
+    """The reference route: per-example Jacobians of the whole network (``torch.func``), vmapped
+    over the examples, or example by example where vmap cannot run the model."""
+    one = _per_example(_rows_fn(bnn, kind, curv, spec, batched), full)
+    bsz = next(x.shape[0] for x, b in zip(leaves, batched) if b)
+    with at_means(bnn):
+        if state["vmap_ok"]:
+            try:
+                in_dims = ([0 if b else None for b in batched],)
+                per = torch.vmap(one, in_dims=(None, *in_dims, 0 if y is not None else None),
+                                 chunk_size=chunk)(params, leaves, y)
+                _accumulate(sums, per, full, True)
+                return
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+                # Retried example by example: an error there is the model's own and
+                # propagates; only a loop that succeeds makes this a vmap limit.
+                state["vmap_ok"], state["why"] = False, _vmap_cause(exc)[0]
+        for j in range(bsz):
+            ex = [x[j] if b else x for x, b in zip(leaves, batched)]
+            _accumulate(sums, one(params, ex, None if y is None else y[j]), full, False)
+        if warn and not state["warned"]:
+            state["warned"] = True
+            warnings.warn(f"laplace: torch.vmap cannot run this model over examples ({state['why']}); "
+                          "computing the curvature example by example (slower, same result)",
+                          RuntimeWarning, stacklevel=4)
+
+
+#: Examples of the first batch on which ``method="auto"`` checks the backprop route against plain
+#: autograd, example by example (a model that breaks an assumption of the fast route, e.g. a batch
+#: dimension that is not the first or a parameter read outside its module's forward, is caught
+#: there and takes the per-example route).
+_CHECK_EXAMPLES = 2
+
+
+def _check_backprop(bnn: VIModule, chosen: list[Site], leaves: list[Any], spec: Any, batched: list[bool],
+                    full: set[str]) -> None:
+    """For one random output direction ``v`` per example: the backprop route's sum over the first
+    examples of the squared per-example gradients of ``v . f`` equals the one plain autograd gives,
+    one example at a time (the whole network, every use of every parameter)."""
+    n = min(_CHECK_EXAMPLES, next(x.shape[0] for x, b in zip(leaves, batched) if b))
+    args, kwargs = tree_unflatten([x[:n] if b else x for x, b in zip(leaves, batched)], spec)
+    fast: dict[str, Tensor] = {}
+    with at_means(bnn):
+        out, cap = _bp.forward_captured(bnn, chosen, args, kwargs, n)
+        gen = torch.Generator(device=out.device).manual_seed(0)
+        v = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+        _bp.batch_curvature(fast, chosen, out, cap, "normal", "ggn", None, full, cols=v.unsqueeze(0))
+        del out, cap
+        ref: dict[str, Tensor] = {}
+        means = [s.mean for s in chosen]
+        flags = [p.requires_grad for p in means]
+        try:
+            for p in means:
+                p.requires_grad_(True)
+            for i in range(n):
+                a, kw = tree_unflatten([x[i:i + 1] if b else x for x, b in zip(leaves, batched)], spec)
+                with torch.enable_grad():
+                    o = first_tensor(bnn(*a, **kw))
+                    if o.shape != v[i:i + 1].shape:
+                        raise _bp.Unsupported(f"the model's output for one example has shape {tuple(o.shape)}")
+                    grads = torch.autograd.grad(o, means, v[i:i + 1], allow_unused=True)
+                for s, gr in zip(chosen, grads):
+                    gr = torch.zeros_like(s.mean) if gr is None else gr.detach()
+                    add = torch.outer(gr.reshape(-1), gr.reshape(-1)) if s.qualname in full else gr.square()
+                    ref[s.qualname] = add if s.qualname not in ref else ref[s.qualname] + add
+        finally:
+            for p, req in zip(means, flags):
+                p.requires_grad_(req)
+    # Absolute tolerance from the largest entry of all sites: some sites' gradients are zero but for
+    # rounding (e.g. an attention key bias: softmax ignores a shift shared by all keys).
+    top = max(float(r.abs().max()) for r in ref.values())
+    for q, r in ref.items():
+        f = fast.get(q, torch.zeros_like(r))
+        tol = 1e-6 if r.dtype == torch.float64 else 1e-3
+        if not torch.allclose(f.to(r.dtype), r, rtol=tol, atol=tol * top + 1e-30):
+            raise _bp.Unsupported(f"its per-example gradients of {q} differ from autograd's on the first examples")
 
 
 def _select(bnn: VIModule, sites: list[Site], include: Any, structure: dict[str, str], args: tuple,

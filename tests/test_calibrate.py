@@ -38,8 +38,8 @@ def test_linearised_grid_matches_predict_and_never_worsens_val_nll() -> None:
     xv, yv = _data(60, 1)
     before = bf.predict(bnn, xv, samples=16, generator=torch.Generator().manual_seed(5))
     cal = bf.calibrate(bnn, [(xv[:30], yv[:30]), (xv[30:], yv[30:])], samples=16,
-                       generator=torch.Generator().manual_seed(5))
-    assert cal.linearized and cal.n_examples == 60
+                       generator=torch.Generator().manual_seed(5), method="jvp")  # bf.predict's draws
+    assert cal.linearized and cal.n_examples == 60 and cal.method == "jvp"
     assert cal.nll <= cal.nll_before + 1e-12
     assert cal.nll_before == pytest.approx(bf.metrics.nll(before.probs, yv), rel=1e-5)
     # The grid's value for the chosen scale is the NLL of bf.predict on the rescaled model (same draws).
@@ -52,7 +52,8 @@ def test_softmax_temperature_is_applied_and_survives_save_load(tmp_path) -> None
     bnn = _fitted()
     xv, yv = _data(60, 1)
     logits_before = bnn.model(xv).detach()
-    cal = bf.calibrate(bnn, (xv, yv), posterior=False, softmax=True, generator=torch.Generator().manual_seed(0))
+    cal = bf.calibrate(bnn, (xv, yv), posterior=False, softmax=True, temperatures=[0.5, 2.0],
+                       generator=torch.Generator().manual_seed(0))
     t = cal.softmax_temperature
     assert t != 1.0 and bnn.predictive["softmax_temperature"] == t
     # With the spreads at (numerically) zero, the prediction is the temperature-scaled point softmax.
@@ -128,3 +129,44 @@ def test_bad_input() -> None:
         bf.calibrate(bnn, (x, y), groups={"g": "nothing"})
     with pytest.raises(TypeError, match="bayesify model"):
         bf.calibrate(SmallNet(), (x, y))
+
+
+def test_covariance_route_equals_brute_force_and_the_jvp_route() -> None:
+    """The per-example output covariance of the linearised predictive, J diag(var) J^T, equals a brute-force
+    Jacobian's; calibrate's covariance route and its jvp route estimate the same predictive NLL."""
+    from bayesify._backprop_ggn import output_covariance
+    from bayesify._linearize import at_means
+
+    torch.manual_seed(0)
+    net = SmallNet().double().eval()
+    x, y = _data(24, 0)
+    x = x.double()
+    bnn = bf.bayesify(net)
+    bf.laplace(bnn, [(x, y)], progress=False, prior_precision=30.0)
+    sites = bnn.bayesian_sites()
+    var = {s.qualname: F.softplus(getattr(s.module, f"{s.name}_rho").detach()).square() for s in sites}
+    groups = {"body": sites[:2], "head": sites[2:]}
+    with at_means(bnn), torch.no_grad():
+        primal, covs = output_covariance(bnn, groups, var, (x,), {}, len(x))
+    torch.testing.assert_close(primal, net(x).detach())
+    params = {s.qualname.removeprefix("model."): s.mean.detach() for s in sites}
+    for i in range(len(x)):
+        jac = torch.func.jacrev(lambda p: torch.func.functional_call(net, p, (x[i:i + 1],))[0])(params)
+        for g, ss in groups.items():
+            ref = sum((jac[s.qualname.removeprefix("model.")].reshape(4, -1) * var[s.qualname].reshape(1, -1))
+                      @ jac[s.qualname.removeprefix("model.")].reshape(4, -1).T for s in ss)
+            torch.testing.assert_close(covs[g][i], ref, rtol=1e-9, atol=1e-12)
+    xv, yv = _data(60, 1)
+    nll = {}
+    for method in ("covariance", "jvp"):
+        cal = bf.calibrate(bnn, (xv.double(), yv), samples=3000, scales=[1.0], method=method,
+                           generator=torch.Generator().manual_seed(0))
+        assert cal.method == method
+        nll[method] = cal.nll_before
+    assert nll["covariance"] == pytest.approx(nll["jvp"], rel=0.03)
+    # "auto" takes the covariance route here; with a "full" Laplace factor, the jvp route.
+    assert bf.calibrate(bnn, (xv.double(), yv), scales=[0.0, 1.0]).method == "covariance"
+    bf.laplace(bnn, [(x, y)], structure={"5": "full"}, progress=False)
+    assert bf.calibrate(bnn, (xv.double(), yv), scales=[0.0, 1.0]).method == "jvp"
+    with pytest.raises(ValueError, match="covariance"):
+        bf.calibrate(bnn, (xv.double(), yv), method="covariance")

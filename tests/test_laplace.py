@@ -211,9 +211,9 @@ def test_hugging_face_bert_goes_through_the_pass() -> None:
     data = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": torch.tensor([0, 1, 2])}
             for i in (0, 3)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # vmap over examples falls back to a loop
+        warnings.simplefilter("error", RuntimeWarning)  # no per-example loop: the backprop route needs no vmap
         r = bf.laplace(bnn, data, progress=False)
-    assert r.n_examples == 6
+    assert r.n_examples == 6 and r.method == "backprop"
     assert set(r.curvature) == {s.qualname for s in bnn.bayesian_sites()}
     assert all(bool(torch.isfinite(h if isinstance(h, torch.Tensor) else h[0]).all()) for h in r.curvature.values())
     head = _std(bnn, "model.classifier.weight")
@@ -307,3 +307,121 @@ def test_single_linear_shortcut_and_its_limit(kind: str, include: str) -> None:
         evals, evecs, shape = r.curvature[f"model.{name}.{p}"]
         got = (evecs @ torch.diag(evals) @ evecs.T).diagonal().reshape(shape)
         torch.testing.assert_close(got, ref[f"{name}.{p}"], rtol=1e-9, atol=1e-12)
+
+
+# -- the backprop route (bayesify._backprop_ggn) against the per-example torch.func route --------------------
+class ConvMix(nn.Sequential):
+    """Conv2d with stride, asymmetric padding and dilation, an in-place ReLU right after it, Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(2, 3, 3, stride=2, padding=(1, 2), dilation=(1, 2)), nn.ReLU(inplace=True),
+                         nn.Flatten(), nn.Linear(3 * 3 * 3, 5), nn.Tanh(), nn.Linear(5, 4))
+
+
+class TokenNet(nn.Module):
+    """Embedding (with a padding row), LayerNorm, a Conv1d over positions, a per-token Linear: (B, L, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.ln = nn.LayerNorm(6)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.emb(ids))
+        return self.out(torch.tanh(h + self.conv(h.transpose(1, 2)).transpose(1, 2)))
+
+
+def _tiny_bert() -> nn.Module:
+    return _hf("BertForSequenceClassification", "BertConfig", num_hidden_layers=1, num_attention_heads=2,
+               hidden_size=16, intermediate_size=32, vocab_size=50, max_position_embeddings=16, num_labels=3)()
+
+
+def _case(name: str) -> tuple[nn.Module, list]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if name == "conv":
+        x = torch.randn(9, 2, 6, 6, generator=gen, dtype=torch.float64)
+        y = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+        return ConvMix().double(), [(x[:4], y[:4]), (x[4:], y[4:])]
+    if name == "tokens":
+        ids = torch.randint(0, 11, (7, 5), generator=gen)
+        return TokenNet().double(), [ids[:3], ids[3:]]
+    ids = torch.randint(1, 50, (6, 7), generator=gen)
+    mask = torch.ones(6, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    return _tiny_bert().double(), [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3],
+                                    "labels": torch.tensor([0, 1, 2])} for i in (0, 3)]
+
+
+@pytest.mark.parametrize("name,kind,curvature,structure", [
+    ("conv", "categorical", "ggn", None), ("conv", "categorical", "mc", None), ("conv", "normal", "ggn", {"3": "full"}),
+    ("tokens", "categorical", "ggn", {"ln": "full", "out": "full"}), ("tokens", "categorical", "mc", None),
+    ("bert", "categorical", "ggn", None), ("bert", "categorical", "mc", None)])
+def test_backprop_route_equals_per_example_route(name: str, kind: str, curvature: str, structure) -> None:
+    """method="auto" takes the backprop route on conv / linear / LayerNorm / Embedding / Hugging Face models
+    and gives the per-example route's numbers (the MC Fisher's labels too: the same generator draws)."""
+    net, data = _case(name)
+    kw = dict(likelihood=kind, curvature=curvature, structure=structure, progress=False,
+              noise_std=0.5 if kind == "normal" else None)
+    fast = bf.laplace(bf.bayesify(net), data, generator=torch.Generator().manual_seed(0), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # Hugging Face: vmap over examples -> a loop
+        ref = bf.laplace(bf.bayesify(net), data, generator=torch.Generator().manual_seed(0), method="per_example", **kw)
+    assert fast.method == "backprop" and ref.method == "per_example"
+    assert set(fast.curvature) == set(ref.curvature)
+    top = max(float((r[0] if isinstance(r, tuple) else r).abs().max()) for r in ref.curvature.values())
+    for q, r in ref.curvature.items():
+        got, want = (fast.curvature[q][0], r[0]) if isinstance(r, tuple) else (fast.curvature[q], r)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * top)
+    assert fast.prior_precision == pytest.approx(ref.prior_precision, rel=1e-9)
+
+
+class ReadsWeightOutside(nn.Module):
+    """Uses ``b.weight`` outside ``b``'s forward: the backprop route would miss that use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h) + nn.functional.linear(h, self.b.weight)
+
+
+def test_auto_falls_back_where_backprop_does_not_apply() -> None:
+    torch.manual_seed(0)
+    net = ReadsWeightOutside().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    r = bf.laplace(bf.bayesify(net), [x], progress=False)
+    assert r.method == "per_example"  # the check on the first examples caught the outside use
+    ref = _brute_ggn(net, x, "categorical")
+    for name, h in ref.items():
+        torch.testing.assert_close(r.curvature[f"model.{name}"], h, rtol=1e-8, atol=1e-12)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"method='backprop'\) does not apply"):
+        bf.laplace(bf.bayesify(tied.double()), [x], method="backprop", progress=False)
+    assert bf.laplace(bf.bayesify(tied.double()), [x], progress=False).method == "per_example"
+    with pytest.raises(ValueError, match="method"):
+        bf.laplace(bf.bayesify(net), [x], method="fastest", progress=False)
+
+
+def test_val_prior_precision() -> None:
+    """prior_precision="val": one precision for all sites from VAL_PRECISIONS, the lowest held-out NLL of
+    the linearised predictive; the spreads are the Laplace posterior's for it."""
+    from bayesify.laplace import VAL_PRECISIONS
+
+    net = small_net()
+    gen = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(20, 1, 4, 4, generator=gen, dtype=torch.float64), torch.randn(16, 1, 4, 4, generator=gen,
+                                                                                      dtype=torch.float64)
+    y, yv = net(x).argmax(1).detach(), torch.randint(0, 4, (16,), generator=gen)
+    bnn = bf.bayesify(net)
+    r = bf.laplace(bnn, [(x, y)], prior_precision="val", val_data=(xv, yv), progress=False,
+                   generator=torch.Generator().manual_seed(1))
+    (d,) = set(r.prior_precision.values())
+    assert d in VAL_PRECISIONS
+    q = "model.3.weight"
+    torch.testing.assert_close(_std(bnn, q).square(), 1 / (r.curvature[q] + d), rtol=1e-5, atol=0)
