@@ -213,6 +213,8 @@ def calibrate(
             nll_of = (lambda out, y: _nll_categorical(out, y, grid_t)) if kind == "categorical" else (
                 lambda out, y: _nll_normal(out, y, noise_var))
             n = sum(int(y.shape[0]) for *_, y in data)
+            if n == 0:
+                raise ValueError("val_data holds no examples: calibrate needs held-out (x, y) data")
             chosen = {g: 1.0 for g in by_group}
             nll_before = float(evaluate.nll(chosen, None, None, nll_of)[0 if kind == "normal" else
                                                                          int((grid_t - 1).abs().argmin())])

@@ -406,6 +406,11 @@ def laplace(
         if type(s.spec.variational) is not MeanFieldNormal:
             raise ValueError(f"laplace sets the spreads of a MeanFieldNormal posterior; site {s.qualname} has "
                              f"{s.spec.variational!r}: convert with variational='meanfield'")
+    if isinstance(structure, str):  # one structure for every selected site
+        structure = {"*": structure}
+    elif structure is not None and not isinstance(structure, Mapping):
+        raise TypeError(f"structure must be {{module glob: 'diag' | 'full'}} or one of those names, "
+                        f"got {type(structure).__name__}")
     structure = dict(structure or {})
     for pat, val in structure.items():
         if not isinstance(pat, str):
@@ -507,6 +512,12 @@ def _run(bnn: VIModule, batches: Iterable[Any], total: int | None, kind: str, cu
                     used.append("last_linear")
                 else:
                     head = None  # the general routes from here on (they compute the same quantity)
+            if not bool(torch.isfinite(out).all()):
+                raise ValueError(f"batch {i}: the model's output at the posterior means is not finite (NaN or inf); "
+                                 "check the inputs and the weights")
+            if target is not None and target.dim() > 0 and target.shape[0] != bsz:
+                raise ValueError(f"batch {i}: {target.shape[0]} targets for {bsz} examples; pass (x, y) with one "
+                                 "target per example")
             if curv == "auto":  # decided once, on the first batch
                 curv = "ggn" if (head is not None or kind == "normal" or out[0].numel() <= AUTO_EXACT_COLUMNS) else "mc"
             y = None

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -283,6 +284,14 @@ def _loop(bnn: VIModule, loader: Iterable[Any], epochs: int, max_steps: int | No
                 show(epoch, row)
                 if max_steps is not None and len(history.steps) >= max_steps:
                     break
+            if not rows and not (max_steps is not None and len(history.steps) >= max_steps):
+                if epoch == 0:
+                    raise ValueError("the loader yielded no batches: nothing was trained (an empty dataset, or an "
+                                     "iterator already used up?)")
+                warnings.warn(f"the loader yielded no batches in epoch {epoch + 1}: training stopped after epoch "
+                              f"{epoch}; pass something that can be iterated again (a DataLoader or a list), "
+                              "not an iterator", RuntimeWarning, stacklevel=3)
+                break
             if rows:
                 history.epochs.append({k: sum(r[k] for r in rows) / len(rows) for k in rows[0]})
             if max_steps is not None and len(history.steps) >= max_steps:

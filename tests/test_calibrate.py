@@ -129,6 +129,8 @@ def test_bad_input() -> None:
         bf.calibrate(bnn, (x, y), groups={"g": "nothing"})
     with pytest.raises(TypeError, match="bayesify model"):
         bf.calibrate(SmallNet(), (x, y))
+    with pytest.raises(ValueError, match="no examples"):
+        bf.calibrate(bnn, (x[:0], y[:0]))
 
 
 def test_covariance_route_equals_brute_force_and_the_jvp_route() -> None:

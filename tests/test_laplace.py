@@ -251,6 +251,26 @@ def test_bad_input() -> None:
         bf.laplace(bf.bayesify(small_net(), variational="pointmass"), [x])
     with pytest.raises(ValueError, match="no batches"):
         bf.laplace(bnn, [])
+    with pytest.raises(ValueError, match="unknown structure 'kron'"):
+        bf.laplace(bnn, [x], structure="kron")
+    with pytest.raises(TypeError, match="structure must be"):
+        bf.laplace(bnn, [x], structure=["full"])
+    with pytest.raises(ValueError, match="3 targets for 4 examples"):
+        bf.laplace(bnn, [(x, torch.zeros(3, dtype=torch.long))])
+    with pytest.raises(ValueError, match="not finite"):
+        bf.laplace(bnn, [x * float("nan")])
+    before = {k: v.clone() for k, v in bnn.state_dict().items()}
+    with pytest.raises(ValueError, match="not finite"):  # a bad batch after good ones: nothing set
+        bf.laplace(bnn, [x, x * float("nan")], progress=False)
+    assert all(torch.equal(v, bnn.state_dict()[k]) for k, v in before.items())
+
+
+def test_one_structure_name_applies_to_every_site() -> None:
+    torch.manual_seed(0)
+    model = HandWritten().double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    r = bf.laplace(model, [x], include="out", structure="full", progress=False)
+    assert set(r.structure.values()) == {"full"}
 
 
 class HandWritten(bf.VIModule):

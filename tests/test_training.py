@@ -390,6 +390,18 @@ def test_fit_bad_arguments(kwargs, exc, match) -> None:
         bf.fit(bnn, loader, progress=False, **kwargs)
 
 
+def test_fit_refuses_an_empty_loader_and_warns_when_an_iterator_runs_out() -> None:
+    bnn = bf.bayesify(_mlp())
+    before = {k: v.clone() for k, v in bnn.state_dict().items()}
+    with pytest.raises(ValueError, match="yielded no batches: nothing was trained"):
+        bf.fit(bnn, [], dataset_size=4, progress=False)
+    assert all(torch.equal(v, bnn.state_dict()[k]) for k, v in before.items())
+    batches = iter([(torch.randn(4, 4), torch.zeros(4).long())] * 2)  # used up after the first epoch
+    with pytest.warns(RuntimeWarning, match="no batches in epoch 2: training stopped after epoch 1"):
+        h = bf.fit(bnn, batches, epochs=3, dataset_size=4, progress=False)
+    assert len(h.steps) == 2 and len(h.epochs) == 1
+
+
 def test_fit_needs_a_dataset_size_and_good_batches() -> None:
     bnn = bf.bayesify(_mlp())
     with pytest.raises(ValueError, match="dataset_size is required"):
