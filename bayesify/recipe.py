@@ -9,7 +9,12 @@ code that rebuilds the point architecture:
 ``{"kind": "transformers", "target": "transformers:BertModel", "config": {...}}``
     a Hugging Face model class rebuilt from its ``config.to_dict()``;
 ``{"kind": "export"}``
-    a ``torch.export`` program embedded in the file (checked by :mod:`bayesify._pt2`).
+    a ``torch.export`` program embedded in the file (checked by :mod:`bayesify._pt2`);
+``{"kind": "torch.nn", "tree": {...}}``
+    a model made of ``torch.nn`` containers (``Sequential``, ``ModuleList``, ``ModuleDict``)
+    and ``torch.nn`` layers: each layer's class name (looked up in ``torch.nn``, nothing is
+    imported) and its constructor arguments read back from its attributes. Recorded only when
+    the rebuilt tree repeats the model's own, module by module (class and ``repr``).
 
 **What a file may import.** Importing a module runs its code, so a ``"module:callable"``
 read from a file is checked *before* anything is imported (:func:`check_importable`).
@@ -104,6 +109,13 @@ def arch_recipe(model: nn.Module | None, arch: Any = None, arch_kwargs: dict[str
     cls = type(model)
     hint = ("pass arch='module:callable' naming the function or class that builds it, e.g. "
             "arch='torchvision.models:resnet18', arch_kwargs={'num_classes': 10}")
+    if isinstance(model, _CONTAINERS) and type(model) in _CONTAINERS:
+        if arch_kwargs:
+            raise ValueError(f"arch_kwargs cannot be used with a torch.nn.{cls.__name__}: its layers are recorded")
+        try:
+            return {"kind": "torch.nn", "tree": nn_tree(model)}, None
+        except ValueError as exc:
+            raise ValueError(f"cannot tell how to rebuild this {cls.__name__}: {exc}; {hint}") from None
     if isinstance(model, torch.fx.GraphModule):
         raise ValueError(f"cannot tell how to rebuild a {cls.__name__} (a torch.fx / torch.export graph); "
                          f"pass the ExportedProgram as arch=, or {hint}")
@@ -146,9 +158,15 @@ def build_arch(recipe: dict[str, Any], where: str = "recipe", program: Tensor | 
             model = cls(config)
         elif kind == "peft" and override is None:
             model = _build_peft(recipe, trust_code)
+        elif kind == "torch.nn" and override is None:
+            model = build_nn_tree(recipe.get("tree"))
         elif kind == "callable" or override is not None:
             fn = override if callable(override) else resolve_callable(
                 override or recipe["target"], trusted=override is not None, trust_code=trust_code)
+            if override is None and fn in _CONTAINERS:
+                raise ValueError(f"the file names an empty torch.nn.{fn.__name__} (older bayesify versions did not "
+                                 "record a container's layers); pass arch= to bf.load (--arch to the CLI): a "
+                                 "function that builds the model")
             model = fn(**_check_kwargs(recipe.get("kwargs")))
         else:
             raise ValueError(f"unknown architecture recipe {kind!r}")
@@ -401,8 +419,121 @@ def class_pattern(p: Any, trust_code: bool = False) -> Any:
 def _describe(recipe: Any) -> str:
     if not isinstance(recipe, dict):
         return repr(recipe)
+    if recipe.get("kind") == "torch.nn":
+        tree = recipe.get("tree")
+        return f"torch.nn.{tree.get('class') if isinstance(tree, dict) else '?'} of torch.nn layers"
     if recipe.get("kind") == "export":
         return "embedded torch.export program"
     if recipe.get("kind") == "peft":
         return f"PEFT adapters on {_describe(recipe.get('base'))}"
     return str(recipe.get("target"))
+
+
+# -- torch.nn trees ---------------------------------------------------------------------------------------
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+#: The most parameters and buffers (elements) a torch.nn tree read from a file may allocate.
+NN_TREE_MAX_ELEMENTS = 1 << 31
+
+
+def nn_tree(model: nn.Module) -> dict[str, Any]:
+    """The JSON tree that rebuilds ``model`` (torch.nn containers of torch.nn layers; a converted
+    layer counts as its point layer), checked by rebuilding it: ``ValueError`` naming the first
+    module that cannot be recorded or does not come back the same."""
+    tree = _nn_node(model, "the model")
+    rebuilt = build_nn_tree(tree)
+    def key(n: str, m: nn.Module) -> tuple[str, type, str]:  # a container's repr repeats its children's
+        return n, type(m), "" if isinstance(m, _CONTAINERS) else repr(m)
+
+    want = [key(n, m) for n, m in _point_modules(model)]
+    got = [key(n, m) for n, m in rebuilt.named_modules()]
+    if want != got:
+        bad = next((w for w, g in zip(want, got) if w != g), want[len(got)] if len(want) > len(got) else got[-1])
+        raise ValueError(f"module {bad[0] or '(root)'!r} ({bad[1].__name__}) does not rebuild from its attributes")
+    return tree
+
+
+def _point(m: nn.Module) -> nn.Module:
+    to_point = getattr(m, "to_point", None)  # a converted layer: its point layer (nn.Linear, ...)
+    return to_point() if callable(to_point) and not _is_torch_nn(type(m)) else m
+
+
+def _point_modules(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    m = _point(model)
+    out = [(prefix, m)]
+    if isinstance(m, _CONTAINERS):
+        for name, child in model.named_children():
+            out += _point_modules(child, f"{prefix}.{name}" if prefix else name)
+    else:
+        out += [(f"{prefix}.{n}" if prefix else n, c) for n, c in m.named_modules() if n]
+    return out
+
+
+def _is_torch_nn(cls: type) -> bool:
+    return getattr(nn, cls.__name__, None) is cls
+
+
+def _nn_node(model: nn.Module, where: str) -> dict[str, Any]:
+    m = _point(model)
+    cls = type(m)
+    if not _is_torch_nn(cls):
+        raise ValueError(f"{where} is a {cls.__module__}.{cls.__qualname__}, not a torch.nn layer")
+    if isinstance(m, _CONTAINERS):
+        return {"class": cls.__name__,
+                "children": [[n, _nn_node(c, f"{where}[{n!r}]" if where != "the model" else repr(n))]
+                             for n, c in model.named_children()]}
+    if next(m.children(), None) is not None:
+        raise ValueError(f"{where} ({cls.__name__}) has submodules of its own")
+    args: dict[str, Any] = {}
+    for p in inspect.signature(cls).parameters.values():
+        if p.name in ("device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(m, p.name):
+            if p.default is p.empty:
+                raise ValueError(f"{where} ({cls.__name__}) does not keep its argument {p.name!r}")
+            continue
+        value = getattr(m, p.name)
+        if isinstance(value, Tensor) or (value is None and p.name == "bias"):
+            value = value is not None  # bias=True / False
+        args[p.name] = _json_arg(value, f"{where} ({cls.__name__}) argument {p.name!r}")
+    return {"class": cls.__name__, "args": args}
+
+
+def _json_arg(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_json_arg(v, where) for v in value]
+    raise ValueError(f"{where} is a {type(value).__name__}, not JSON")
+
+
+def build_nn_tree(tree: Any, budget: list[int] | None = None) -> nn.Module:
+    """The model a ``torch.nn`` tree describes: classes only from ``torch.nn`` (nothing imported),
+    JSON arguments, at most :data:`NN_TREE_MAX_ELEMENTS` parameter and buffer elements."""
+    budget = [NN_TREE_MAX_ELEMENTS] if budget is None else budget
+    if not isinstance(tree, dict) or not isinstance(tree.get("class"), str):
+        raise ValueError(f"a torch.nn tree node must be {{'class': name, ...}}, got {type(tree).__name__}")
+    cls = getattr(nn, tree["class"], None) if tree["class"].isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"torch.nn has no module class {tree['class']!r}")
+    if cls in _CONTAINERS:
+        kids = tree.get("children")
+        if not isinstance(kids, list) or not all(isinstance(k, list) and len(k) == 2 and isinstance(k[0], str)
+                                                 for k in kids):
+            raise ValueError(f"a {cls.__name__} node needs 'children': [[name, node], ...]")
+        built = [(name, build_nn_tree(node, budget)) for name, node in kids]
+        if cls is nn.ModuleList:
+            return nn.ModuleList([m for _, m in built])
+        from collections import OrderedDict
+
+        return cls(OrderedDict(built))
+    args = tree.get("args")
+    if not isinstance(args, dict):
+        raise ValueError(f"a {cls.__name__} node needs 'args': {{...}}")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    with torch.device("meta"):  # the size first: a file cannot make us allocate what it does not hold
+        probe = cls(**args)
+    budget[0] -= sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+    if budget[0] < 0:
+        raise ValueError(f"the recorded layers hold over {NN_TREE_MAX_ELEMENTS} elements; "
+                         "pass arch='module:callable' to load such a model")
+    return cls(**args)

@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,6 +99,17 @@ CASES: dict[str, Case] = {
         lambda: bf.bayesify(build_mlp(), prior="laplace:scale=0.5", include=[nn.Linear], estimator="flipout"),
         {"arch": "tests.test_io:build_mlp"}, _x3),
     "hand-written VIModule": (lambda: HandWritten(), {}, _x3),
+    # torch.nn containers: recorded layer by layer (no class of ours to name)
+    "nn.Sequential MLP": (lambda: bf.bayesify(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.1),
+                                                            nn.Linear(8, 2))), {}, _x3),
+    "nn.Sequential CNN, nested, named": (lambda: bf.bayesify(nn.Sequential(OrderedDict(
+        features=nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                               nn.MaxPool2d(2)),
+        flat=nn.Flatten(), norm=nn.LayerNorm(16), head=nn.Linear(16, 3)))),
+        {}, lambda: ((torch.randn(2, 1, 4, 4),), {})),
+    "nn.Sequential with an Embedding": (lambda: bf.bayesify(nn.Sequential(nn.Embedding(11, 4, padding_idx=0),
+                                                                          nn.Flatten(0), nn.Linear(24, 2))),
+                                        {}, _ids),
     "hugging face, tied": (_bert, {}, lambda: ((), {"input_ids": torch.tensor([[1, 2, 3, 4]])})),
 }
 
@@ -254,6 +266,66 @@ def test_save_refuses_what_cannot_be_rebuilt(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="bayesify model"):
         bf.save(Tied(), tmp_path / "x.bnn")
     assert not list(tmp_path.iterdir())
+
+
+def test_sequential_of_other_layers_is_refused_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'1' is a tests.test_io.NeedsArgs, not a torch.nn layer.*arch="):
+        bf.save(bf.bayesify(nn.Sequential(nn.Linear(3, 3), NeedsArgs(3))), tmp_path / "x.bnn")
+    seq = bf.bayesify(nn.Sequential(nn.Linear(3, 3), nn.TransformerEncoderLayer(3, 1, 8)))
+    with pytest.raises(ValueError, match="has submodules of its own"):
+        bf.save(seq, tmp_path / "x.bnn")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tree, match", [
+    ({"class": "Linear", "args": {"in_features": 1 << 20, "out_features": 1 << 20}}, "elements"),
+    ({"class": "Sequential", "children": [["0", {"class": "Linear", "args": {"in_features": 1 << 16,
+                                                                              "out_features": 1 << 15}}]] * 2},
+     "elements"),
+    ({"class": "functional", "args": {}}, "torch.nn has no module class 'functional'"),
+    ({"class": "__class__", "args": {}}, "torch.nn has no module class"),
+    ({"class": "Sequential", "children": {"0": 1}}, "needs 'children'"),
+    ({"class": "Linear"}, "needs 'args'"),
+    ([], "must be"),
+])
+def test_hostile_torch_nn_trees_are_refused(tree: Any, match: str, tmp_path: Path) -> None:
+    """A file's torch.nn tree names classes of torch.nn only (nothing imported) and cannot make the
+    loader allocate what no file could hold (sizes checked on the meta device first)."""
+    from bayesify.recipe import build_nn_tree
+
+    with pytest.raises(ValueError, match=match):
+        build_nn_tree(tree)
+    bnn = bf.bayesify(nn.Sequential(nn.Linear(3, 2)))
+    path = tmp_path / "m.bnn"
+    bf.save(bnn, path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["bayesify"])
+    header["arch"] = {"kind": "torch.nn", "tree": tree}
+    save_file(tensors, str(path), metadata={**meta, "bayesify": json.dumps(header)})
+    with pytest.raises(ValueError, match="cannot rebuild the architecture"):
+        bf.load(path)
+
+
+def test_file_of_an_older_version_naming_an_empty_sequential_says_what_to_do(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bnn = bf.bayesify(nn.Sequential(nn.Linear(3, 2)))
+    path = tmp_path / "m.bnn"
+    bf.save(bnn, path)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["bayesify"])
+    header["arch"] = {"kind": "callable", "target": "torch.nn.modules.container:Sequential", "kwargs": {}}
+    save_file(tensors, str(path), metadata={**meta, "bayesify": json.dumps(header)})  # what older versions wrote
+    with pytest.raises(ValueError, match="empty torch.nn.Sequential.*pass arch= to bf.load"):
+        bf.load(path)
+    loaded = bf.load(path, arch=lambda: nn.Sequential(nn.Linear(3, 2)))
+    assert torch.equal(loaded.state_dict()["model.0.weight"], bnn.state_dict()["model.0.weight"])
 
 
 def test_custom_mapping_must_be_passed_back(tmp_path: Path) -> None:
