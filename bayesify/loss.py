@@ -71,8 +71,11 @@ class ELBOLoss(nn.Module):
         kl: ``"mc"`` (from the sampled log-probabilities) or ``"analytic"`` (closed form).
         kl_weight: multiplies the KL term (1.0 is the true ELBO).
         noise_std: observation noise of the normal likelihood: a positive number (fixed) or
-            ``"learn"`` (a learnable parameter of this loss; add ``loss_fn.parameters()`` to
-            the optimizer).
+            ``"learn"`` (a learnable parameter of this loss, starting at 1; add
+            ``loss_fn.parameters()`` to the optimizer: ``bf.fit`` and the integrations do).
+            Default: ``"learn"`` for ``"normal"`` (a fixed noise of 1 weighs data with noise 0.1
+            a hundred times too little: docs/uncertainty.md, "A BNN from scratch"); for other
+            likelihoods it is unused and no parameter is made.
 
     After each call, ``loss_fn.last`` holds its :class:`ELBOTerms` (``nll``, ``kl``,
     ``kl_term``, ``loss`` as floats) for logging. Over the first 20 calls with gradients it
@@ -82,7 +85,7 @@ class ELBOLoss(nn.Module):
 
     def __init__(self, likelihood: str | Callable[[Tensor, Tensor], Tensor] = "categorical",
                  dataset_size: int | None = None, kl: str = "mc", kl_weight: float = 1.0,
-                 noise_std: float | str = 1.0) -> None:
+                 noise_std: float | str | None = None) -> None:
         super().__init__()
         if callable(likelihood):
             self.likelihood: str | Callable = likelihood
@@ -98,6 +101,8 @@ class ELBOLoss(nn.Module):
         if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or kl_weight < 0:
             raise ValueError(f"kl_weight must be a non-negative number, got {kl_weight!r}")
         self.kl_weight = float(kl_weight)
+        if noise_std is None:
+            noise_std = "learn" if self.likelihood == "normal" else 1.0
         if noise_std == "learn":
             self.log_noise_std = nn.Parameter(torch.zeros(()))
         elif isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool) and noise_std > 0:
@@ -197,10 +202,14 @@ def _refuse_kl_if_optimiser_has_prior(pred: Tensor) -> None:
 
 class NLLLoss(ELBOLoss):
     """Expected negative log likelihood per data point over the samples, no KL term: the loss for
-    :class:`bayesify.optim.IVON`, which applies the prior itself. ``bf.NLLLoss("categorical")``."""
+    :class:`bayesify.optim.IVON`, which applies the prior itself. ``bf.NLLLoss("categorical")``.
+
+    ``noise_std`` as in :class:`ELBOLoss` (default ``"learn"`` for ``"normal"``). IVON steps the
+    Bayesian tensors only, so a learned noise needs an optimiser of its own, e.g.
+    ``torch.optim.Adam(loss_fn.parameters(), lr=1e-2)`` stepped with IVON (``bf.fit`` does this)."""
 
     def __init__(self, likelihood: str | Callable[[Tensor, Tensor], Tensor] = "categorical",
-                 noise_std: float | str = 1.0) -> None:
+                 noise_std: float | str | None = None) -> None:
         super().__init__(likelihood, dataset_size=1, kl_weight=0.0, noise_std=noise_std)
 
     def forward(self, out: Any, target: Tensor) -> Tensor:

@@ -123,8 +123,9 @@ def fit(
             ``optimizer(bnn) -> torch.optim.Optimizer`` (e.g. a natural-gradient one). Each
             step calls ``zero_grad()``, ``loss.backward()`` and ``step()``.
         loss_fn: an :class:`bayesify.ELBOLoss` to use instead of
-            ``ELBOLoss(likelihood, dataset_size)`` (e.g. with ``noise_std="learn"``; its
-            parameters are trained too).
+            ``ELBOLoss(likelihood, dataset_size)``. The loss's parameters (the learned noise of
+            ``"normal"``, its default) are trained too, at ``10 * lr``: in the optimizer, or for
+            ``bf.optim.IVON`` (Bayesian tensors only) by an Adam of their own.
         train: ``"bayesian"``: only the modules the conversion selected (their means,
             spreads and, e.g., BatchNorm affine parameters); every other parameter is frozen
             for the run. ``"all"``: every parameter that requires grad.
@@ -157,6 +158,7 @@ def fit(
 
     flags = {p: p.requires_grad for p in bnn.parameters()}
     modes = {m: m.training for m in bnn.modules()}
+    hooks: list[Any] = []
     try:
         if train == "bayesian":
             keep = _selected_parameters(bnn)
@@ -164,8 +166,11 @@ def fit(
                 p.requires_grad_(flags[p] and id(p) in keep)
         _set_modes(bnn)
         opt = _optimizer(optimizer, bnn, lr, loss_fn)
+        hooks.extend(opt.__dict__.pop("_bayesify_fit_hooks", ()))
         return _loop(bnn, loader, epochs, max_steps, samples, opt, loss_fn, device, generator, progress)
     finally:
+        for h in hooks:
+            h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         for m, mode in modes.items():
@@ -220,7 +225,21 @@ def _optimizer(optimizer: Any, bnn: nn.Module, lr: float, loss_fn: ELBOLoss) -> 
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer(bnn) must return a torch.optim.Optimizer, got {type(opt).__name__}")
         if extra:
-            opt.add_param_group({"params": extra, "lr": FAST * lr})
+            from .optim import IVON
+
+            if isinstance(opt, IVON):
+                # IVON steps Bayesian tensors only: the loss's parameters (a learned noise) get an
+                # Adam of their own, stepped and zeroed after each IVON step (the hook is removed
+                # when fit returns).
+                companion = torch.optim.Adam(extra, lr=FAST * lr)
+
+                def _step_companion(*_: Any) -> None:
+                    companion.step()
+                    companion.zero_grad()
+
+                opt._bayesify_fit_hooks = [opt.register_step_post_hook(_step_companion)]
+            else:
+                opt.add_param_group({"params": extra, "lr": FAST * lr})
         return opt
     raise TypeError("optimizer must be None, a torch.optim.Optimizer, or a callable optimizer(bnn) -> Optimizer; "
                     f"got {type(optimizer).__name__}")

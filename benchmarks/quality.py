@@ -13,6 +13,9 @@ so MC dropout needs no other net) and is evaluated on the same sets:
 - **IVON**: ``bf.bayesify(net)`` with the library defaults, ``bf.optim.IVON`` and
   ``bf.NLLLoss`` (2 samples per step), the same number of steps;
 - **IVON (prior 0.3)**: the same with ``prior=bf.priors.Normal("pretrained", 0.3)``.
+- **ELBO + Adam linearised**, **IVON linearised**, **IVON (prior 0.3) linearised**: the same
+  fits, predicting with the linearised predictive (``bf.predict(..., linearized=True)``:
+  ``f(x, mean) + J(x) (w_s - mean)``) instead of running the network on each weight sample.
 - **ELBO + Adam + calibrate**, **IVON + calibrate**: the same fits, then ``bf.calibrate`` on the
   validation split (posterior scale only, the sampled predictive: these are trained posteriors),
   predicting with ``bf.predict`` (the rescaled spreads).
@@ -508,13 +511,28 @@ def _calibrated(fit: Callable[[Task, nn.Module, int], bf.BayesianModel], label: 
     return row
 
 
-def ivon_wide_prior(task: Task, net: nn.Module, seed: int) -> Predictive:
+def _train_ivon_wide_prior(task: Task, net: nn.Module, seed: int) -> bf.BayesianModel:
     """IVON with a 10x wider prior around the pretrained weights, ``Normal("pretrained", 0.3)``."""
     bnn = task.convert(net, prior=bf.priors.Normal("pretrained", 0.3))
     loss_fn = bf.NLLLoss(task.likelihood, **_nll_kwargs(task))
     opt = bf.optim.IVON(task.trainable(bnn), model=bnn, ess=task.dataset_size, **task.ivon_kwargs)
     _finetune_loop(task, bnn, loss_fn, opt, 2, seed)
-    return _bnn_predictive(task, bnn, seed)
+    return bnn
+
+
+def ivon_wide_prior(task: Task, net: nn.Module, seed: int) -> Predictive:
+    return _bnn_predictive(task, _train_ivon_wide_prior(task, net, seed), seed)
+
+
+def _linearised(fit: Callable[[Task, nn.Module, int], bf.BayesianModel]
+                ) -> Callable[[Task, nn.Module, int], Predictive]:
+    """``fit`` (a trained-posterior row), predicting with the linearised predictive
+    ``f(x, mean) + J(x) (w_s - mean)`` (``bf.predict(..., linearized=True)``) instead of running
+    the network on each weight sample: the same posterior, another predictive."""
+    def row(task: Task, net: nn.Module, seed: int) -> Predictive:
+        return _predict_bnn(task, fit(task, net, seed), seed, linearized=True)
+    row.__name__ = f"{fit.__name__}_linearised"
+    return row
 
 
 METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = OrderedDict([
@@ -523,6 +541,9 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("IVON (prior 0.3)", ivon_wide_prior),
     ("ELBO + Adam + calibrate", _calibrated(_train_elbo_adam, "ELBO + Adam")),
     ("IVON + calibrate", _calibrated(_train_ivon, "IVON")),
+    ("ELBO + Adam linearised", _linearised(_train_elbo_adam)),
+    ("IVON linearised", _linearised(_train_ivon)),
+    ("IVON (prior 0.3) linearised", _linearised(_train_ivon_wide_prior)),
 ])
 TASKS: dict[str, type[Task]] = {"digits": Digits, "gap": Gap, "diabetes": Diabetes, "minilm": MiniLM}
 
@@ -540,10 +561,10 @@ def _heldout(task: Task) -> tuple[Any, Tensor]:
     return task.x_train, task.y_train
 
 
-def _predict_bnn(task: Task, bnn: bf.BayesianModel, seed: int) -> Predictive:
+def _predict_bnn(task: Task, bnn: bf.BayesianModel, seed: int, linearized: bool | None = None) -> Predictive:
     @torch.no_grad()
     def predict(x: Any) -> dict[str, Any]:
-        pred = bf.predict(bnn, x, samples=task.pred_samples, likelihood=task.likelihood,
+        pred = bf.predict(bnn, x, samples=task.pred_samples, likelihood=task.likelihood, linearized=linearized,
                           generator=torch.Generator().manual_seed(seed), **_nll_kwargs(task))
         if task.likelihood == "categorical":
             return {"probs": pred.probs, "entropy": pred.entropy, "mi": pred.mutual_information}
@@ -572,8 +593,10 @@ def laplace_torch_kfac(task: Task, net: nn.Module, seed: int) -> Predictive:
     from laplace import Laplace
 
     torch.manual_seed(seed)
-    la = Laplace(net.eval(), "classification" if task.likelihood == "categorical" else "regression",
-                 subset_of_weights="last_layer", hessian_structure="kron")
+    regression = task.likelihood != "categorical"
+    noise = {"sigma_noise": math.sqrt(task.noise_var)} if regression else {}  # the noise every row is given
+    la = Laplace(net.eval(), "regression" if regression else "classification",
+                 subset_of_weights="last_layer", hessian_structure="kron", **noise)
     la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(task.x_train, task.y_train),
                                        batch_size=task.batch_size))
     la.optimize_prior_precision(method="marglik")
@@ -581,6 +604,10 @@ def laplace_torch_kfac(task: Task, net: nn.Module, seed: int) -> Predictive:
     @torch.no_grad()
     def predict(x: Any) -> dict[str, Any]:
         torch.manual_seed(seed)
+        if regression:  # the GLM predictive in closed form: mean and (N, 1, 1) output covariance
+            f_mu, f_var = la(x, pred_type="glm")
+            epi = f_var.reshape(len(f_mu), -1)[:, 0].float()
+            return {"mean": f_mu.reshape(-1).float(), "var": epi + task.noise_var, "epistemic_var": epi}
         probs = la(x, pred_type="glm", link_approx="mc", n_samples=task.pred_samples)
         return {"probs": probs, "entropy": torch.special.entr(probs).sum(-1), "mi": None}
     return predict

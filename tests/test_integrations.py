@@ -55,6 +55,12 @@ def test_trainer_logs_nll_and_kl_and_evaluates_calibration(tmp_path):
     assert [g["lr"] for g in opt_groups] == [5e-3, 1e-2]  # means, then the spreads at spread_lr
     assert sum(p.numel() for p in opt_groups[1]["params"]) == sum(s.mean.numel() for s in bnn.bayesian_sites())
 
+    # a regression loss learns its noise by default: its parameter gets a group of its own
+    reg = BayesianTrainer(model=bnn, args=args, train_dataset=train, loss_fn=bf.ELBOLoss("normal", dataset_size=64))
+    reg_groups = reg.create_optimizer().param_groups
+    assert len(reg_groups) == 3 and reg_groups[2]["params"] == [reg._tracker.loss_fn.log_noise_std]
+    assert reg_groups[2]["lr"] == 1e-2
+
     trainer.train()
     steps = [h for h in trainer.state.log_history if "loss" in h]
     assert len(steps) == 20

@@ -56,3 +56,24 @@ def test_regression_validation_splits(quality):
         n_tr, n_va, n_te = len(diabetes.y_train), len(diabetes.y_val), len(diabetes.y_test)
         assert n_tr + n_va + n_te == 442 and n_te == 442 - int(0.7 * 442) and n_va == int(0.2 * int(0.7 * 442))
         assert not (_rows(diabetes.x_train) & _rows(diabetes.x_val))
+
+
+def test_regression_rows_laplace_torch_kfac_and_linearised(quality):
+    """The laplace-torch KFAC row works on a regression task (la(x) returns mean and variance
+    there), and a linearised row predicts with the same posterior as its sampled twin."""
+    pytest.importorskip("laplace")
+    task = quality.Diabetes(quick=True)
+    task.split(0)
+    net = task.pretrain(0)
+    pred = quality.METHODS["laplace-torch last-layer KFAC"](task, net, 0)(task.x_test)
+    n = len(task.x_test)
+    assert pred["mean"].shape == pred["var"].shape == pred["epistemic_var"].shape == (n,)
+    assert torch.isfinite(pred["var"]).all() and (pred["epistemic_var"] > 0).all()
+    assert torch.allclose(pred["var"], pred["epistemic_var"] + task.noise_var)
+    with torch.no_grad():
+        point = net.eval()(task.x_test).reshape(-1)
+    assert torch.allclose(pred["mean"], point, atol=1e-5)  # the GLM predictive's mean is the network's
+    metrics = task.evaluate(quality.METHODS["laplace-torch last-layer KFAC"](task, net, 0))
+    assert all(v == v for v in metrics.values())  # no NaN (the row used to fail in entr())
+    lin = quality.METHODS["IVON linearised"](task, net, 0)(task.x_test)
+    assert lin["mean"].shape == (n,) and (lin["epistemic_var"] > 0).all() and torch.isfinite(lin["var"]).all()

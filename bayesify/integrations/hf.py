@@ -146,12 +146,17 @@ class BayesianTrainer(transformers.Trainer):
 
     # -- optimizer ----------------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer (``args.optim``) with the spreads in a group at ``spread_lr``."""
+        """The Trainer's optimizer (``args.optim``) with the spreads in a group at ``spread_lr``, and
+        the loss's parameters (a learned noise) in another at ``spread_lr``."""
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             opt_model = self.model if model is None else model
             cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             if "params" not in opt_kwargs and isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
                 groups = param_groups(opt_model, self.args.learning_rate, self.spread_lr, self.args.weight_decay)
+                loss_fn = self._tracker.loss_fn if self._tracker is not None else None
+                extra = [p for p in loss_fn.parameters() if p.requires_grad] if loss_fn is not None else []
+                if extra:  # the loss's own parameters (the learned noise of "normal"), at the spreads' rate
+                    groups.append({"params": extra, "lr": self.spread_lr, "weight_decay": 0.0})
                 self.optimizer = cls(groups, **opt_kwargs)
                 return self.optimizer
         return super().create_optimizer(model)
