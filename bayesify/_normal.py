@@ -11,7 +11,11 @@ Here the noise of one tensor is cut into fixed blocks; block ``b`` is drawn by i
   ``w = mean + std * eps`` or regenerated block by block from the seeds, so ``w`` is the
   only sample-sized tensor a training step keeps.
 
-Other devices use one plain ``normal_`` call with the caller's generator. Under
+Other devices (CUDA, ...) draw the noise of one tensor with one ``normal_`` call on a generator
+of that device seeded from the tensor's seed and sample offset (:func:`device_noise`): the same
+request gives the same noise (``recompute_samples`` reads a weight again, the same samples), but
+a chunk of samples is not a slice of the unchunked draw there (``chunk_size`` gives other, equally
+distributed, samples than without it; on CPU the same). Under
 ``torch.compile`` these functions run eagerly (a graph break), so a compiled model
 draws exactly the noise the eager one does.
 """
@@ -30,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BLOCK", "Layout", "SampleRecompute", "blocks", "draw_seed", "fill", "meanfield_draw", "regenerate",
-           "run_parallel", "scratch", "softplus_scratch", "standard_normal"]
+__all__ = ["BLOCK", "Layout", "SampleRecompute", "blocks", "device_noise", "draw_seed", "fill", "meanfield_draw",
+           "regenerate", "run_parallel", "scratch", "softplus_scratch", "standard_normal"]
 
 #: Elements per block: large enough that Python overhead is negligible, small enough to
 #: stay in cache for the fused work done on each block.
@@ -199,6 +203,32 @@ def regenerate(lay: Layout, seed: int, s: int, c: int, out: Tensor) -> Tensor:
     return _fill(out, seed + lay.index(s, c))
 
 
+def seeded_on_device(device: torch.device) -> bool:
+    """Whether a seeded draw off the CPU fast path uses its own seeded generator (a real device)."""
+    return device.type not in ("cpu", "meta")
+
+
+#: Spreads the sample offset over the seed space (seeds of sites are 62-bit random draws).
+_OFFSET_STRIDE = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def device_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 generator: torch.Generator | None, seed: int | None, offset: int) -> Tensor:
+    """``shape`` N(0, 1) noise off the CPU fast path: with a ``seed`` on a device (CUDA, ...), from a
+    generator of that device seeded by ``(seed, offset)``, so the same request draws the same noise
+    with one kernel; else from ``generator``."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if seed is None or not seeded_on_device(out.device) or isinstance(out, torch._subclasses.FakeTensor):
+        return out.normal_(generator=generator)
+    try:
+        g = torch.Generator(device=out.device)
+    except RuntimeError:  # a device without its own generators: the caller's
+        return out.normal_(generator=generator)
+    g.manual_seed((seed + offset * _OFFSET_STRIDE) & _MASK64)
+    return out.normal_(generator=g)
+
+
 def fast_path(t: Tensor) -> bool:
     """True where the block-seeded threaded noise applies (CPU, eager, floating point)."""
     if t.device.type != "cpu" or not t.is_floating_point():
@@ -217,7 +247,7 @@ def standard_normal(shape: Iterable[int], dtype: torch.dtype, device: torch.devi
         seed = draw_seed(generator) if seed is None else seed
         fill(out.view(shape[0], -1), seed, lay=Layout.of(shape[0], shape[1:], offset))
         return out
-    return out.normal_(generator=generator)
+    return device_noise(shape, dtype, out.device, generator, seed, offset)
 
 
 # --- w = mean + std * eps with the Normal prior's statistics, eps regenerated in backward ---------
@@ -237,7 +267,7 @@ def meanfield_draw(mean: Tensor, rho: Tensor, loc: Tensor | float | None, n: int
     """
     if not fast_path(mean) or mean.numel() == 0:
         std = F.softplus(rho)
-        eps = torch.empty((n, *mean.shape), dtype=mean.dtype, device=mean.device).normal_(generator=generator)
+        eps = device_noise((n, *mean.shape), mean.dtype, mean.device, generator, seed, offset)
         w = mean + std * eps
         if loc is None:
             return w, None, None, None
