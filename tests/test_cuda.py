@@ -288,12 +288,16 @@ def _ddp_rank(out_dir: Path) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl")
+    if os.environ.get("BAYESIFY_DDP_ON_CPU"):  # the same script on gloo: to check it without a GPU
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    else:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
     bnn = convnet().to(device)
     local = copy.deepcopy(bnn)
-    ddp = DDP(bnn, device_ids=[device.index])
+    ddp = DDP(bnn, device_ids=None if device.type == "cpu" else [device.index])
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(10 + rank)).to(device)
     y = torch.tensor([rank, 1, 2, 3], device=device) % 4
     loss_fn = bf.ELBOLoss("categorical", dataset_size=100)
