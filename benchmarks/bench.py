@@ -305,7 +305,8 @@ class AutotuneRunner(BayesifyRunner):
 class PreviousEvalRunner(BayesifyRunner):
     """The A/B partner of ``bayesify`` for eval and predict: as before the eval speed-ups, interleaved
     with it in the same run: ``bf.predict`` draws the weights again for every batch (the kept-draws
-    budget set to 0) and eval-mode BatchNorm takes PyTorch's batching rule (not folded)."""
+    budget set to 0), eval-mode BatchNorm takes PyTorch's batching rule (not folded) and a sample is
+    made by ``mul_`` + ``add_`` (not one ``addcmul``)."""
 
     def eval_forward(self) -> None:
         with _previous_eval():
@@ -320,17 +321,23 @@ class PreviousEvalRunner(BayesifyRunner):
             super().predict(batches)
 
 
-class _previous_eval:
-    def __enter__(self) -> None:
-        from bayesify import _reuse, _vmap_rules
+def _mul_add_(eps: torch.Tensor, std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return eps.mul_(std).add_(mean)
 
-        self.was = _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm
-        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm = 0, F.batch_norm
+
+class _previous_eval:
+    """Within: the eval path as before (draws per batch, PyTorch's BatchNorm rule, ``mul_`` + ``add_``)."""
+
+    def __enter__(self) -> None:
+        from bayesify import _normal, _reuse, _vmap_rules
+
+        self.was = _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_
+        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_ = 0, F.batch_norm, _mul_add_
 
     def __exit__(self, *exc: Any) -> None:
-        from bayesify import _reuse, _vmap_rules
+        from bayesify import _normal, _reuse, _vmap_rules
 
-        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm = self.was
+        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_ = self.was
 
 
 class _autotune:
@@ -440,7 +447,7 @@ CONTENDERS = [
               "bf.bayesify(model) with bayesify.backends.autotune = True (kernels chosen by measurement)"),
     Contender("bayesify, previous eval", _bayesify(None), PreviousEvalRunner,
               "bf.bayesify(model) with bf.predict drawing the weights per batch and PyTorch's eval BatchNorm rule "
-              "(the eval path before the kept draws and the folded BatchNorm)"),
+              "and mul_ + add_ for mean + std * eps (the eval path before this branch)"),
     Contender("bayesify recompute", _bayesify(None), RecomputeRunner,
               "bf.bayesify(model), forward with recompute_samples=True"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),

@@ -70,7 +70,7 @@ def test_backward_equals_autograd(shape, loc, threads, path):
 
         eps = standard_normal((n, *shape), torch.float64, torch.device("cpu"), _gen(5))
         std2 = torch.nn.functional.softplus(rho)
-        w2 = mean + std2 * eps
+        w2 = torch.addcmul(mean, std2, eps)  # w = mean + std * eps, one rounding (FMA)
         assert torch.equal(w.detach(), w2.detach())  # same noise, same arithmetic
         loss2 = (w2 * g_out).sum()
         if lc is not None:
