@@ -488,7 +488,7 @@ class _MeanFieldDraw(torch.autograd.Function):
                 shape = (size,) if gb is None else gb.shape
                 if flat is None:  # regenerate eps (and, for the prior term, the sample bit for bit)
                     x = regenerate(lay, ctx.seed, s, c, scratch(size, dtype, 0))
-                    wb = affine_(scratch(size, dtype, 2).copy_(x), sd_c, m[cols]) if gq2 is not None else None
+                    wb = torch.addcmul(m[cols], x, sd_c, out=scratch(size, dtype, 2)) if gq2 is not None else None
                 else:  # the kept sample; eps is recovered from the sums (finish)
                     x = wb = flat[s, cols]
                 if gq2 is not None:  # t = gb + 2 gquad_s (w_s - loc)
