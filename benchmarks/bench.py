@@ -305,8 +305,8 @@ class AutotuneRunner(BayesifyRunner):
 class PreviousEvalRunner(BayesifyRunner):
     """The A/B partner of ``bayesify`` for eval and predict: as before the eval speed-ups, interleaved
     with it in the same run: ``bf.predict`` draws the weights again for every batch (the kept-draws
-    budget set to 0), eval-mode BatchNorm takes PyTorch's batching rule (not folded) and a sample is
-    made by ``mul_`` + ``add_`` (not one ``addcmul``)."""
+    budget set to 0), eval-mode BatchNorm takes PyTorch's batching rule (not folded), a sample is
+    made by ``mul_`` + ``add_`` (not one ``addcmul``) in fresh memory (no sample pool)."""
 
     def eval_forward(self) -> None:
         with _previous_eval():
@@ -326,18 +326,20 @@ def _mul_add_(eps: torch.Tensor, std: torch.Tensor, mean: torch.Tensor) -> torch
 
 
 class _previous_eval:
-    """Within: the eval path as before (draws per batch, PyTorch's BatchNorm rule, ``mul_`` + ``add_``)."""
+    """Within: the eval path as before (draws per batch, PyTorch's BatchNorm rule, ``mul_`` + ``add_``,
+    fresh memory for every eval draw)."""
 
     def __enter__(self) -> None:
         from bayesify import _normal, _reuse, _vmap_rules
 
-        self.was = _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_
-        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_ = 0, F.batch_norm, _mul_add_
+        self.was = _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES
+        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES = (
+            0, F.batch_norm, _mul_add_, 0)
 
     def __exit__(self, *exc: Any) -> None:
         from bayesify import _normal, _reuse, _vmap_rules
 
-        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_ = self.was
+        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES = self.was
 
 
 class _autotune:
@@ -447,7 +449,7 @@ CONTENDERS = [
               "bf.bayesify(model) with bayesify.backends.autotune = True (kernels chosen by measurement)"),
     Contender("bayesify, previous eval", _bayesify(None), PreviousEvalRunner,
               "bf.bayesify(model) with bf.predict drawing the weights per batch and PyTorch's eval BatchNorm rule "
-              "and mul_ + add_ for mean + std * eps (the eval path before this branch)"),
+              "and mul_ + add_ for mean + std * eps in fresh memory (the eval path before this branch)"),
     Contender("bayesify recompute", _bayesify(None), RecomputeRunner,
               "bf.bayesify(model), forward with recompute_samples=True"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),
