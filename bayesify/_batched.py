@@ -463,4 +463,4 @@ class SampleBatchNorm(torch.autograd.Function):
              var: Tensor, eps: float, cudnn: bool) -> tuple[Tensor, int]:
         xs = x.movedim(in_dims[0], 0)
         out = torch.batch_norm(xs.flatten(0, 1), weight, bias, mean, var, False, 0.0, eps, cudnn)
-        return out.view(xs.shape), 0
+        return out.reshape(xs.shape), 0
