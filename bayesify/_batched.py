@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import backends
 
-__all__ = ["PointModelError", "SampleLinear", "SampleConv2d", "SampleAttention", "conv2d_by_gemm", "conv2d_gemm",
+__all__ = ["PointModelError", "SampleLinear", "SampleConv2d", "SampleAttention", "SampleBatchNorm",
+           "conv2d_by_gemm", "conv2d_gemm",
            "conv2d_kernel", "kernels_apply"]
 
 
@@ -438,3 +439,28 @@ class SampleAttention(torch.autograd.Function):
         out = SDPA(fold(q, dims[0], rank), fold(k, dims[1], rank), fold(v, dims[2], rank),
                    attn_mask=None if mask is None else fold(mask, dims[3], rank), **kw)
         return out.view(s, one_q.shape[0], *out.shape[1:]), 0
+
+
+class SampleBatchNorm(torch.autograd.Function):
+    """``torch.batch_norm`` in eval mode (running statistics) whose vmap rule folds the samples
+    into the batch: one call, as the point model's on ``S x B`` inputs. PyTorch's batching rule
+    normalises without the affine and then multiplies and adds it in two more passes: a
+    ResNet-18 stem's BatchNorm (10 samples x 32 x 64 x 16 x 16, one thread) 14.5 ms against
+    2.5 ms folded. Only called inside vmap with the input batched and the parameters and
+    statistics shared (see ``bayesify._vmap_rules``)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float,
+                cudnn: bool) -> Tensor:
+        raise RuntimeError("bayesify's folded batch norm runs only inside torch.vmap")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+             var: Tensor, eps: float, cudnn: bool) -> tuple[Tensor, int]:
+        xs = x.movedim(in_dims[0], 0)
+        out = torch.batch_norm(xs.flatten(0, 1), weight, bias, mean, var, False, 0.0, eps, cudnn)
+        return out.reshape(xs.shape), 0

@@ -9,6 +9,9 @@ model, sees nothing of this one's rules. Nothing is replaced process-wide. The r
   the samples into the batch (``_batched.SampleAttention``); PyTorch has no batching rule for
   the CPU flash kernel and runs it sample by sample. Attention whose inputs depend on no sampled
   weight (the frozen prefix of a partial conversion) is PyTorch's own call, run once.
+- BatchNorm in eval mode (running statistics shared by the samples): the samples fold into the
+  batch, one call as the point model's (``_batched.SampleBatchNorm``); PyTorch's rule runs
+  the affine as two more passes (~5x slower).
 - stochastic depth: torchvision's ``stochastic_depth`` draws its drop mask into ``torch.empty``,
   a tensor vmap does not batch, so vmap refused it ("different inplace randomness on an
   unbatched tensor"). Inside the sampled call that one allocation is batched over the samples,
@@ -33,11 +36,12 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from ._batched import SDPA, SampleAttention, kernels_apply
+from ._batched import SDPA, SampleAttention, SampleBatchNorm, kernels_apply
 
 __all__ = ["vmap_rules", "batchnorm_state", "BatchNormUpdate"]
 
@@ -55,6 +59,8 @@ class _SampledCallRules(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is SDPA:
             return _attention(*args, **kwargs)
+        if func is F.batch_norm:
+            return _batch_norm(*args, **kwargs)
         if func is torch.empty and _from_stochastic_depth(sys._getframe(1)):
             mask = func(*args, **kwargs).zero_()  # the drop mask: batched, so each sample draws its own
             return mask + self.index.to(mask.dtype).mul(0)
@@ -78,6 +84,16 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
     if not batched or not kernels_apply(query):  # no input depends on a sampled weight: one call
         return SDPA(query, key, value, attn_mask=attn_mask, **dict(options))
     return SampleAttention.apply(query, key, value, attn_mask, options)
+
+
+def _batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``F.batch_norm``; in eval mode with statistics and affine shared by the samples, folded."""
+    shared = all(t is None or not _is_batched(t) for t in (weight, bias, running_mean, running_var))
+    if (training or running_mean is None or running_var is None or not shared or not _is_batched(input)
+            or input.dim() < 2 or not kernels_apply(input)):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return SampleBatchNorm.apply(input, weight, bias, running_mean, running_var, eps, torch.backends.cudnn.enabled)
 
 
 def _from_stochastic_depth(frame: Any) -> bool:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _reuse
 from ._batched import PointModelError
 from ._normal import SampleRecompute, draw_seed
 from ._state import _active, sampled_call_lock, sampling_active
@@ -154,8 +155,18 @@ class VIModule(nn.Module):
         """What :meth:`_draw` draws, with the log densities still per site (``terms``, for
         :func:`_fold`), and ``zeros`` ``(n,)``. ``defer`` (a dict): seeded sites are not drawn
         but left there as callables, to be drawn where the forward first reads them
-        (``recompute_samples``); their terms are their names."""
+        (``recompute_samples``); their terms are their names. Inside ``bf.predict`` a repeated
+        identical eval request returns the kept samples (``_reuse``: bit for bit the same)."""
         seeds = {} if seeds is None else seeds
+        reuse = _reuse.active(self)
+        if reuse is not None and generator is not None and not with_logp and defer is None:
+            fresh = partial(self._fresh_draws, n, generator, False, seeds, offset)
+            return reuse.fetch(n, generator, seeds, offset, fresh)
+        return self._fresh_draws(n, generator, with_logp, seeds, offset, defer)
+
+    def _fresh_draws(self, n: int, generator: torch.Generator | None, with_logp: bool, seeds: dict[str, int],
+                     offset: int = 0, defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] | None = None
+                     ) -> tuple[dict[str, Tensor], list[Any], Tensor, Tensor]:
         weights: dict[str, Tensor] = {}
         terms: list[Any] = []  # per site, in site order: (log p, log q or None), or a deferred site's name
         kl = None

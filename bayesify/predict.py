@@ -14,7 +14,10 @@ The model is run ``samples`` times (one vectorised call per batch) in eval mode 
 
 Every batch is evaluated with the *same* ``samples`` weight draws (the generator is
 rewound before each batch), so batching never changes the result and the summaries of
-all inputs come from one set of posterior samples. (Layers with ``estimator="local"`` or
+all inputs come from one set of posterior samples. The weights are drawn once per call
+and kept for the later batches (up to ``bayesify._reuse.REUSE_MAX_BYTES`` of samples, and not with a
+``chunk_size`` below ``samples``, which asks for less memory); past that, each batch draws
+them again from the rewound generator: the same values either way. (Layers with ``estimator="local"`` or
 ``"flipout"`` draw their noise per input instead: there a different batching gives a
 different, equally valid, Monte Carlo draw.)
 
@@ -38,6 +41,8 @@ from torch import Tensor
 
 from ._choices import lookup
 from .loss import LIKELIHOODS, first_tensor
+from . import _reuse
+from ._reuse import reusing_draws
 from .module import VIModule, check_optional_positive_int, check_samples
 from .sites import iter_sites
 
@@ -355,9 +360,13 @@ def predict(
     modes = [(m, m.training) for m in model.modules()]
     parts: list[dict[str, Tensor]] = []
     tangents = means = None
+    # Draw the weights once for all batches (each batch asks for the same draws): not where
+    # chunk_size asks that fewer than all samples be in memory at once.
+    reuse = gen is not None and not linearized and (chunk_size is None or chunk_size >= n)
     try:
         model.eval()
-        with torch.no_grad(), _progress(progress, total) as advance:
+        with (torch.no_grad(), _progress(progress, total) as advance,
+              reusing_draws(model, _reuse.REUSE_MAX_BYTES if reuse else 0)):
             if linearized:
                 from ._linearize import perturbations, site_means, spread_sites
 

@@ -167,7 +167,7 @@ class MeanFieldNormal(VariationalFamily):
     ) -> tuple[Tensor, Tensor]:
         std = self.std(mean, params)
         eps = standard_normal((n, *mean.shape), mean.dtype, mean.device, generator, seed, offset)
-        value = mean + std * eps
+        value = torch.addcmul(mean, std, eps)  # one rounding, as the fused draw (_normal.affine_)
         # log q evaluated through eps = (value - mean) / std: same value and same total
         # derivative as through value, without cancellation when std << |mean|.
         dims = tuple(range(1, eps.dim()))

@@ -7,6 +7,9 @@ Every contender is measured as a ratio to the *point model run on a batch of 10 
   libraries convert a copy here: bayesify copies itself, the others convert in place);
 - eval: one forward pass with 10 samples under ``torch.no_grad()``;
 - train: one ELBO training step with 10 samples (forward, backward, ``Adam.step``);
+- predict (``--predict-batches K``): prediction over K batches with 10 samples, what users run
+  most: ``bf.predict`` for bayesify (it draws the weights once per call), K eval forwards for
+  the others (the noise floor draws its noise per batch, as one eval forward does);
 - peak MB: peak resident memory of one train step, in a fresh subprocess per
   contender (see ``_memory_child``).
 
@@ -150,6 +153,13 @@ class Runner:
         with torch.no_grad():
             self.forward()
 
+    def predict(self, batches: int) -> None:
+        """Predictions for ``batches`` batches: one eval forward each (``bf.predict`` for bayesify)."""
+        self.model.eval()
+        with torch.no_grad():
+            for _ in range(batches):
+                self.forward()
+
     def train_step(self) -> None:
         self.model.train()
         loss = self.loss()
@@ -265,6 +275,14 @@ class BayesifyRunner(Runner):
     def loss(self) -> torch.Tensor:
         return self.loss_fn(self.forward(), self.y)
 
+    def predict(self, batches: int) -> None:
+        """``bf.predict`` over ``batches`` copies of the batch, ``batch_size`` = the batch."""
+        import bayesify as bf
+
+        (x,) = self.args
+        bf.predict(self.model, x.repeat(batches, *([1] * (x.dim() - 1))), samples=SAMPLES, batch_size=x.shape[0],
+                   progress=False)
+
 
 class AutotuneRunner(BayesifyRunner):
     """The default conversion with ``bayesify.backends.autotune`` on: small-map convolution kernels
@@ -278,6 +296,50 @@ class AutotuneRunner(BayesifyRunner):
     def train_step(self) -> None:
         with _autotune(True):
             super().train_step()
+
+    def predict(self, batches: int) -> None:
+        with _autotune(True):
+            super().predict(batches)
+
+
+class PreviousEvalRunner(BayesifyRunner):
+    """The A/B partner of ``bayesify`` for eval and predict: as before the eval speed-ups, interleaved
+    with it in the same run: ``bf.predict`` draws the weights again for every batch (the kept-draws
+    budget set to 0), eval-mode BatchNorm takes PyTorch's batching rule (not folded), a sample is
+    made by ``mul_`` + ``add_`` (not one ``addcmul``) in fresh memory (no sample pool)."""
+
+    def eval_forward(self) -> None:
+        with _previous_eval():
+            super().eval_forward()
+
+    def train_step(self) -> None:
+        with _previous_eval():
+            super().train_step()
+
+    def predict(self, batches: int) -> None:
+        with _previous_eval():
+            super().predict(batches)
+
+
+def _mul_add_(eps: torch.Tensor, std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return eps.mul_(std).add_(mean)
+
+
+class _previous_eval:
+    """Within: the eval path as before (draws per batch, PyTorch's BatchNorm rule, ``mul_`` + ``add_``,
+    fresh memory for every eval draw)."""
+
+    def __enter__(self) -> None:
+        from bayesify import _normal, _reuse, _vmap_rules
+
+        self.was = _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES
+        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES = (
+            0, F.batch_norm, _mul_add_, 0)
+
+    def __exit__(self, *exc: Any) -> None:
+        from bayesify import _normal, _reuse, _vmap_rules
+
+        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES = self.was
 
 
 class _autotune:
@@ -385,6 +447,9 @@ CONTENDERS = [
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
     Contender("bayesify, autotune", _bayesify(None), AutotuneRunner,
               "bf.bayesify(model) with bayesify.backends.autotune = True (kernels chosen by measurement)"),
+    Contender("bayesify, previous eval", _bayesify(None), PreviousEvalRunner,
+              "bf.bayesify(model) with bf.predict drawing the weights per batch and PyTorch's eval BatchNorm rule "
+              "and mul_ + add_ for mean + std * eps in fresh memory (the eval path before this branch)"),
     Contender("bayesify recompute", _bayesify(None), RecomputeRunner,
               "bf.bayesify(model), forward with recompute_samples=True"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),
@@ -541,7 +606,8 @@ def _timed(fn: Callable[[], Any], cell: Cell) -> None:
         cell.error = _fail(exc)
 
 
-def bench_workload(w: Workload, contenders: list[Contender], repeats: int, quick: bool) -> dict:
+def bench_workload(w: Workload, contenders: list[Contender], repeats: int, quick: bool, predict_batches: int = 0
+                   ) -> dict:
     torch.manual_seed(0)
     batch = w.quick_batch if quick else w.batch
     args, y = w.inputs(batch, quick)
@@ -559,10 +625,13 @@ def bench_workload(w: Workload, contenders: list[Contender], repeats: int, quick
                 traceback.print_exc()
     ev = {n: Cell(error=convert[n].error) for n in names}
     tr = {n: Cell(error=convert[n].error) for n in names}
+    pr = {n: Cell(error=convert[n].error) for n in names}
     for r in runners.values():  # warm-up: first calls pay one-off costs (allocator, vmap, lazy init)
         if r is not None and not quick:
             _timed(r.eval_forward, Cell())
             _timed(r.train_step, Cell())
+            if predict_batches:
+                _timed(lambda: r.predict(predict_batches), Cell())
     for rep in range(repeats):
         _timed(lambda: copy.deepcopy(base), convert["deepcopy"])
         for c in contenders:
@@ -573,10 +642,15 @@ def bench_workload(w: Workload, contenders: list[Contender], repeats: int, quick
                 continue
             _timed(r.eval_forward, ev[c.name])
             _timed(r.train_step, tr[c.name])
+            if predict_batches:
+                _timed(lambda: r.predict(predict_batches), pr[c.name])
         print(f"  [{w.name}] repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
     convert[names[0]] = convert["deepcopy"]
-    return {"convert": convert, "eval": ev, "train": tr, "batch": batch, "quick": quick, "repeats": repeats,
-            "clock": next(k for k, v in CLOCKS.items() if v is _clock)}
+    out = {"convert": convert, "eval": ev, "train": tr, "batch": batch, "quick": quick, "repeats": repeats,
+           "clock": next(k for k, v in CLOCKS.items() if v is _clock)}
+    if predict_batches:
+        out["predict"], out["predict_batches"] = pr, predict_batches
+    return out
 
 
 def _status_kb() -> dict[str, int]:
@@ -674,29 +748,38 @@ def floors_line(res: dict) -> str:
     """The floors measured in this run, for the header of its table: the point model and the noise floor."""
     names = list(res["eval"])
     point = names[0]
-    ref = {k: res[k][point].median() for k in ("eval", "train")}
+    kinds = _kinds(res)
+    ref = {k: res[k][point].median() for k in kinds}
     parts = []
     for n in [point] + [n for n in names if n == NOISE_FLOOR]:
         cells = [res[k][n].error or f"{k} {res[k][n].median() * 1e3:.0f} ms ({_ratio(res[k][n].median(), ref[k])})"
-                 for k in ("eval", "train")]
+                 for k in kinds]
         parts.append(f"{n}: " + ", ".join(cells))
     return "floors measured in this run: " + "; ".join(parts)
+
+
+def _kinds(res: dict) -> tuple[str, ...]:
+    """The timed columns of a result: eval and train, and predict where it ran."""
+    return ("eval", "train", "predict") if res.get("predict") else ("eval", "train")
 
 
 def table(w: Workload, res: dict, mem: dict[str, dict] | None, machine: str = "") -> str:
     names = list(res["eval"])
     point = names[0]
-    ref = {k: res[k][point].median() for k in ("eval", "train")}
+    kinds = _kinds(res)
+    ref = {k: res[k][point].median() for k in kinds}
     ref_convert = res["convert"]["deepcopy"].median()
     ref_mem = (mem or {}).get(point, {}).get("peak_mb")
     head = "| contender | convert (vs deepcopy) | eval fwd, 10 samples | train step, 10 samples | train peak MB |"
+    if "predict" in kinds:
+        head += f" predict, 10 samples x {res['predict_batches']} batches |"
     quick = " (--quick: tiny shapes, no warm-up, one repeat)" if res["quick"] else ""
     clock = res.get("clock", "wall")
     lines = [f"**{w.title}**{quick}, floor: the point model on 10x{res['batch']}; {clock}-clock medians of "
              f"{res.get('repeats', '?')}", ""]
     if machine:
         lines += [machine, ""]
-    lines += [floors_line(res), "", head, "|---|---:|---:|---:|---:|"]
+    lines += [floors_line(res), "", head, "|---|---:|---:|---:|---:|" + "---:|" * ("predict" in kinds)]
     for n in names:
         cells = []
         c = res["convert"][n]
@@ -709,6 +792,9 @@ def table(w: Workload, res: dict, mem: dict[str, dict] | None, machine: str = ""
         else:
             m = mem.get(n, {})
             cells.append(m.get("error") or f"{m['peak_mb']:.0f} ({_ratio(m['peak_mb'], ref_mem)})")
+        if "predict" in kinds:
+            c = res["predict"][n]
+            cells.append(c.error or f"{c.median() * 1e3:.0f} ms ({_ratio(c.median(), ref['predict'])})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -812,6 +898,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only the IVON-step-vs-Adam-step rows (1 sample, same batch) for --workloads")
     ap.add_argument("--batch", type=int, action="append", default=[], metavar="B",
                     help="with --optimizer-step: the batch size (repeatable: one table per size); default the workload's")
+    ap.add_argument("--predict-batches", type=int, default=0, metavar="K",
+                    help="also time prediction over K batches (bf.predict for bayesify, K eval forwards for the "
+                    "others); 0 (default): not timed")
     ap.add_argument("--_memory", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -865,7 +954,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in names:
         w = WORKLOADS[n]
         contenders = plan[n]
-        res = bench_workload(w, contenders, repeats, opts.quick)
+        res = bench_workload(w, contenders, repeats, opts.quick, max(0, opts.predict_batches))
         _release()  # the runners are gone; their memory goes back before the memory subprocesses
         print(f"  [{n}] resident after the timings: {_status_kb()['VmRSS'] / 1024:.0f} MB", file=sys.stderr, flush=True)
         mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in contenders],
@@ -875,7 +964,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["workloads"][n] = {
             "title": w.title, "batch": res["batch"], "clock": res["clock"], "machine": machine_line(machine),
             **{k: {c: {"median_s": cell.median(), "times_s": cell.times, "error": cell.error}
-                   for c, cell in res[k].items()} for k in ("convert", "eval", "train")},
+                   for c, cell in res[k].items()} for k in ("convert",) + _kinds(res)},
             "memory": mem,
         }
     env["load_end"] = _load()

@@ -135,3 +135,26 @@ def test_optimizer_table_names_a_batch_other_than_the_workloads(bench):
     text = bench.optimizer_table(bench.WORKLOADS["resnet18"], res)
     assert "batch 512: one training step" in text and "batch 32" not in text
     assert "| bayesify + IVON | 200.0 | 2.00x |" in text
+
+
+def test_table_has_a_predict_column_when_timed(bench):
+    cell = bench.Cell
+    names = ("point (10xB)", "ref: point + weight noise", "bayesify")
+    res = {"eval": {n: cell([t]) for n, t in zip(names, (0.1, 0.3, 0.5))},
+           "train": {n: cell([t]) for n, t in zip(names, (1.0, 2.0, 2.5))},
+           "predict": {n: cell([t]) for n, t in zip(names, (0.4, 1.2, 0.8))},
+           "convert": {"deepcopy": cell([0.01]), **{n: cell([0.01]) for n in names}},
+           "batch": 32, "quick": False, "repeats": 3, "clock": "cpu", "predict_batches": 4}
+    text = bench.table(bench.WORKLOADS["mlp"], res, None, "machine: test CPU")
+    assert "| predict, 10 samples x 4 batches |" in text
+    assert "ref: point + weight noise: eval 300 ms (3.00x), train 2000 ms (2.00x), predict 1200 ms (3.00x)" in text
+    assert "| bayesify | 10 ms (1.00x) | 500 ms (5.00x) | 2500 ms (2.50x) | - | 800 ms (2.00x) |" in text
+
+
+def test_predict_column_runs_in_the_bench_process(bench):
+    """``--predict-batches``: bf.predict for bayesify, as before for the A/B partner, over real models."""
+    res = bench.bench_workload(bench.WORKLOADS["mlp"], [c for c in bench.CONTENDERS if c.name in (
+        "point (10xB)", "ref: point + weight noise", "bayesify", "bayesify, previous eval")], 1, True, 2)
+    assert res["predict_batches"] == 2
+    for name, c in res["predict"].items():
+        assert c.error is None and len(c.times) == 1 and c.times[0] > 0, name

@@ -70,7 +70,7 @@ def test_backward_equals_autograd(shape, loc, threads, path):
 
         eps = standard_normal((n, *shape), torch.float64, torch.device("cpu"), _gen(5))
         std2 = torch.nn.functional.softplus(rho)
-        w2 = mean + std2 * eps
+        w2 = torch.addcmul(mean, std2, eps)  # w = mean + std * eps, one rounding (FMA)
         assert torch.equal(w.detach(), w2.detach())  # same noise, same arithmetic
         loss2 = (w2 * g_out).sum()
         if lc is not None:
@@ -172,3 +172,64 @@ def test_pool_workers_run_single_threaded_ops_without_changing_the_callers_count
         assert seen == [2]  # the process-wide default new threads start from is the caller's again
     finally:
         torch.set_num_threads(prev)
+
+
+# -- eval draws keep their memory for the next eval draw (_normal.SAMPLE_POOL_BYTES) -----------------
+def _eval_draw(mean: torch.Tensor, rho: torch.Tensor, seed: int) -> torch.Tensor:
+    with torch.no_grad():
+        return meanfield_draw(mean, rho, None, 4, None, seed=seed)[0]
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    monkeypatch.setattr(_normal._LOCAL, "pool", None, raising=False)
+    return monkeypatch
+
+
+def test_eval_draws_reuse_memory_nothing_holds_and_keep_values(pool):
+    mean, rho = torch.randn(7, 5), torch.randn(7, 5) - 2
+    first = _eval_draw(mean, rho, 1)
+    kept = first.clone()
+    held = _eval_draw(mean, rho, 2)  # `first` is alive: other memory, `first` untouched
+    assert held.data_ptr() != first.data_ptr() and torch.equal(first, kept)
+    ptr = first.data_ptr()
+    view = first[1:]
+    del first
+    assert _eval_draw(mean, rho, 3).data_ptr() != ptr  # a view of it is alive
+    del view
+    again = _eval_draw(mean, rho, 1)
+    assert again.data_ptr() == ptr and torch.equal(again, kept)  # reused, the same values as fresh memory
+    # a training draw lets the kept memory go
+    del again
+    meanfield_draw(mean.requires_grad_(), rho, 0.0, 4, None, seed=1)
+    assert _normal._LOCAL.pool is None
+
+
+def test_eval_draws_keep_at_most_the_pool_budget(pool):
+    mean, rho = torch.randn(7, 5), torch.randn(7, 5) - 2
+    pool.setattr(_normal, "SAMPLE_POOL_BYTES", 0)
+    for seed in range(3):
+        _eval_draw(mean, rho, seed)  # each let go at once: nothing may keep it
+    assert _normal._LOCAL.pool["bytes"] == 0
+    assert all(len(v) == 0 for v in _normal._LOCAL.pool["free"].values())
+
+
+def test_model_eval_forward_reuses_sample_memory_with_the_same_outputs(pool):
+    import bayesify as bf
+
+    torch.manual_seed(0)
+    bnn = bf.bayesify(torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 3))).eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        a = bnn(x, samples=5, generator=_gen(0))
+        weights = bnn._draw(5, _gen(0), False)[0]
+        ptrs = {k: w.data_ptr() for k, w in weights.items()}
+        del weights
+        b = bnn(x, samples=5, generator=_gen(0))
+        again = bnn._draw(5, _gen(0), False)[0]
+    assert torch.equal(a, b)
+    assert {k: w.data_ptr() for k, w in again.items()} == ptrs  # the same memory each call
+    pool.setattr(_normal, "SAMPLE_POOL_BYTES", 0)
+    pool.setattr(_normal._LOCAL, "pool", None)
+    with torch.no_grad():
+        assert torch.equal(bnn(x, samples=5, generator=_gen(0)), a)

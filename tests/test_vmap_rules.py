@@ -295,3 +295,59 @@ def test_threads_sampling_one_model_take_turns():
         assert "error" not in result, result.get("error")
         assert all(result["out"])
     assert [str(w.message) for w in caught] == [] and bnn._vmap_failure is None
+
+
+class _ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(self.bn1d(h))
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_eval_batchnorm_folds_the_samples_and_matches_pytorchs_rule(with_grad: bool, monkeypatch) -> None:
+    """Eval-mode BatchNorm with shared statistics: the samples fold into the batch (one call, the
+    point model's), the same outputs and gradients as PyTorch's own batching rule."""
+    from bayesify import _batched, _vmap_rules
+
+    torch.manual_seed(0)
+    point = _ConvBN().double()
+    for bn in (point.bn, point.bn1d):  # non-trivial statistics and affine
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    bnn = bf.bayesify(point, variational=bf.variational.MeanFieldNormal(init_std=0.1)).eval()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    folded: list[int] = []
+    rule = _batched.SampleBatchNorm.vmap
+
+    def counted(*args: Any) -> Any:
+        folded.append(1)
+        return rule(*args)
+
+    def run() -> tuple[Tensor, list[Tensor]]:
+        bnn.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(with_grad):
+            out = bnn(x, samples=4, generator=torch.Generator().manual_seed(1))
+        if not with_grad:
+            return out, []
+        out.square().sum().backward()
+        return out, [p.grad for p in bnn.parameters() if p.grad is not None]
+
+    monkeypatch.setattr(_batched.SampleBatchNorm, "vmap", staticmethod(counted))
+    out, grads = run()
+    assert len(folded) == 2
+    monkeypatch.setattr(_vmap_rules, "_batch_norm", F.batch_norm)  # PyTorch's batching rule
+    ref, ref_grads = run()
+    assert len(folded) == 2
+    torch.testing.assert_close(out, ref)
+    assert len(grads) == len(ref_grads) and (not with_grad or grads)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
