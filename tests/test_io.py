@@ -295,22 +295,13 @@ def test_hostile_torch_nn_trees_are_refused(tree: Any, match: str, tmp_path: Pat
 
     with pytest.raises(ValueError, match=match):
         build_nn_tree(tree)
-    bnn = bf.bayesify(nn.Sequential(nn.Linear(3, 2)))
-    path = tmp_path / "m.bnn"
-    bf.save(bnn, path)
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    header = json.loads(meta["bayesify"])
-    header["arch"] = {"kind": "torch.nn", "tree": tree}
-    save_file(tensors, str(path), metadata={**meta, "bayesify": json.dumps(header)})
+    path, _ = _saved_with_arch(tmp_path, {"kind": "torch.nn", "tree": tree})
     with pytest.raises(ValueError, match="cannot rebuild the architecture"):
         bf.load(path)
 
 
-def test_file_of_an_older_version_naming_an_empty_sequential_says_what_to_do(tmp_path: Path) -> None:
+def _saved_with_arch(tmp_path: Path, recipe: dict[str, Any]) -> tuple[Path, nn.Module]:
+    """A saved Linear-in-a-Sequential whose header's architecture recipe is replaced by ``recipe``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -320,8 +311,14 @@ def test_file_of_an_older_version_naming_an_empty_sequential_says_what_to_do(tmp
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     header = json.loads(meta["bayesify"])
-    header["arch"] = {"kind": "callable", "target": "torch.nn.modules.container:Sequential", "kwargs": {}}
-    save_file(tensors, str(path), metadata={**meta, "bayesify": json.dumps(header)})  # what older versions wrote
+    header["arch"] = recipe
+    save_file(tensors, str(path), metadata={**meta, "bayesify": json.dumps(header)})
+    return path, bnn
+
+
+def test_file_of_an_older_version_naming_an_empty_sequential_says_what_to_do(tmp_path: Path) -> None:
+    path, bnn = _saved_with_arch(tmp_path, {"kind": "callable", "target": "torch.nn.modules.container:Sequential",
+                                            "kwargs": {}})  # what older versions wrote
     with pytest.raises(ValueError, match="empty torch.nn.Sequential.*pass arch= to bf.load"):
         bf.load(path)
     loaded = bf.load(path, arch=lambda: nn.Sequential(nn.Linear(3, 2)))
