@@ -473,6 +473,27 @@ def _flat(t: Tensor | float | None) -> Tensor | float | None:
     return t.reshape(-1) if isinstance(t, Tensor) else t
 
 
+def _backward_one(g: Tensor, w: Tensor, m: Tensor, rho: Tensor, glog: Tensor | None, lay: Layout,
+                  shape: torch.Size) -> tuple[Tensor, Tensor, None, None, None]:
+    """The gradients of one kept sample ``w`` (``(numel,)``) with incoming gradient ``g`` (the
+    sample's shape), no prior term: ``dL/dmean = g`` (the incoming gradient itself where it is
+    contiguous: no pass at all) and ``dL/drho = (g (w - mean) + glog) / std * sigmoid(rho)``, four
+    elementwise passes per block besides softplus and sigmoid (the general path makes seven)."""
+    g_mean = g.reshape(-1) if g.is_contiguous() else g.contiguous().view(-1)
+    g_rho = torch.empty_like(m)
+
+    def part(c: int) -> None:
+        cols = lay.cols(c)
+        sd_c = softplus_scratch(rho[cols], 3)
+        out = torch.sub(w[cols], m[cols], out=g_rho[cols]).mul_(g_mean[cols])  # g * (w - mean) = g * std * eps
+        if glog is not None:
+            out.add_(glog)
+        out.div_(sd_c).mul_(torch.sigmoid(rho[cols], out=scratch(sd_c.numel(), sd_c.dtype, 0)))
+
+    run_parallel([lambda c=c: part(c) for c in range(lay.chunks)])
+    return g_mean.view(shape), g_rho.view(shape), None, None, None
+
+
 class _MeanFieldDraw(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, mean: Tensor, rho: Tensor, loc: Tensor | float | None, lay: Layout, seed: int
@@ -483,28 +504,34 @@ class _MeanFieldDraw(torch.autograd.Function):
         sd = softplus_scratch(rho.reshape(-1), 5)  # not kept: backward recomputes it from rho, per block
         lc = _flat(loc)
 
-        def per_block(cols: slice, b: Tensor) -> Tensor:
-            """``(sum(eps^2), sum((w - loc)^2))`` of one block, turning its eps into w in place."""
+        def per_block(cols: slice, b: Tensor) -> Tensor | None:
+            """``(sum(eps^2), sum((w - loc)^2))`` of one block (with a ``loc``), turning its eps into
+            w in place."""
+            if lc is None:  # no log densities: nothing to sum (a dot product per block saved)
+                affine_(b, sd[cols], m[cols])
+                return None
             sq = torch.dot(b, b)
             affine_(b, sd[cols], m[cols])
-            if lc is None:
-                return torch.stack([sq, torch.zeros_like(sq)])
             d = torch.sub(b, lc[cols] if isinstance(lc, Tensor) else lc, out=scratch(b.numel(), b.dtype, 1))
             return torch.stack([sq, torch.dot(d, d)])
 
         per_chunk = fill(w.view(n, -1), seed, per_block, lay)
-        sq, quad = torch.stack([torch.stack(r) for r in per_chunk]).sum(0).unbind(1)
         # Backward needs eps again. Where every std is at least RECOVER_RATIO * |mean| (float32 /
         # float64), eps = (w - mean) / std is recovered to ~6e-8 * |w| / std <= 6e-4 relative
         # (in float32; the subtraction is exact); else the blocks are regenerated from their seeds.
         recover = mean.dtype in (torch.float32, torch.float64) and _recoverable(m, sd)
-        log_std = sd.log_().sum()
+        if lc is None:  # nobody reads them (meanfield_draw returns None for these)
+            sq = quad = log_std = w.new_zeros(())
+        else:
+            sq, quad = torch.stack([torch.stack(r) for r in per_chunk]).sum(0).unbind(1)
+            log_std = sd.log_().sum()
         rec = SampleRecompute.active()
         if rec is not None and recover:
             rec.register(w, lambda: _draw_values(mean, rho, lay, seed), (mean, rho))
         ctx.save_for_backward(w if recover else None, loc if isinstance(loc, Tensor) else None, mean, rho)
         ctx.loc, ctx.seed, ctx.shape, ctx.lay = (None if isinstance(loc, Tensor) else loc), seed, mean.shape, lay
         ctx.mark_non_differentiable(sq)
+        ctx.set_materialize_grads(False)  # an unused quad / log_std: None, not a zero to add per weight
         return w, quad, sq, log_std
 
     @staticmethod
@@ -522,6 +549,8 @@ class _MeanFieldDraw(torch.autograd.Function):
         # transpose): blocks read it as row slices, never through a full-size copy.
         g = gw if gw is None or gw.dim() > 1 else gw.view(n, 1)  # a 0-d tensor's samples
         gq2 = None if gquad is None or loc is None else 2 * gquad
+        if flat is not None and n == 1 and gq2 is None and g is not None:
+            return _backward_one(g[0], flat[0], m, rho, glog, lay, ctx.shape)
         g_mean = mean_t.new_empty(lay.numel)
         g_rho = mean_t.new_empty(lay.numel)
 
@@ -530,7 +559,8 @@ class _MeanFieldDraw(torch.autograd.Function):
             sample) or sum_s t_s eps_s (regenerated), t_s = dL/dw_s. Returns std of the block."""
             cols = lay.cols(c)
             size = cols.stop - cols.start
-            gm, acc = gm_buf[cols].zero_(), acc_buf[cols].zero_()
+            gm, acc = gm_buf[cols], acc_buf[cols]
+            first = True  # the first sample writes gm and acc (no zeroing pass before an add)
             sd_c = softplus_scratch(rho[cols], 3)
             loc_c = loc[cols] if isinstance(loc, Tensor) else loc
             for s in samples:
@@ -551,8 +581,16 @@ class _MeanFieldDraw(torch.autograd.Function):
                     t = gb if gb.is_contiguous() else scratch(size, dtype, 1).view(shape).copy_(gb)
                 else:
                     continue
-                gm.view(shape).add_(t)
-                acc.view(shape).addcmul_(t, x.view(shape))
+                if first:  # bit for bit 0 + t and 0 + t * x (one rounding, as addcmul_)
+                    gm.view(shape).copy_(t)
+                    torch.mul(t, x.view(shape), out=acc.view(shape))
+                    first = False
+                else:
+                    gm.view(shape).add_(t)
+                    acc.view(shape).addcmul_(t, x.view(shape))
+            if first:  # no sample contributed
+                gm.zero_()
+                acc.zero_()
             return sd_c
 
         def finish(c: int, sd_c: Tensor) -> None:
