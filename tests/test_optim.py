@@ -220,3 +220,28 @@ def test_param_groups_and_mixed_precision_state():
     assert twin.state[second.weight]["hess"].dtype == torch.float32
     torch.testing.assert_close(twin.state[second.weight]["hess"], st["hess"], rtol=0, atol=0)
     assert second.weight.dtype == torch.bfloat16 and torch.isfinite(second.weight).all()
+
+
+def test_a_model_trained_by_ivon_draws_no_log_densities():
+    # IVON applies the prior: no loss reads the log densities, so none are computed; the KL
+    # information stays (an ELBO with a KL term is still refused), kl_weight=0 reports no KL as
+    # NLLLoss does, and the weights and their gradients are those of a draw with log densities.
+    x, y = linear_data()
+    model = linear_model().train()
+    ref = copy.deepcopy(model)
+    opt = bf.optim.IVON(model, ess=len(x))
+    out = model(x, samples=3, generator=torch.Generator().manual_seed(4))
+    assert out.log_probs is None and callable(out.kl_closed_form)
+    with pytest.raises(ValueError, match="NLLLoss"):
+        bf.ELBOLoss("normal", dataset_size=len(x))(out, y)
+    loss_fn = bf.ELBOLoss("normal", dataset_size=len(x), kl_weight=0, noise_std=NOISE)
+    loss_fn(out, y).backward()
+    assert loss_fn.last.kl == 0.0
+    expect = ref(x, samples=3, generator=torch.Generator().manual_seed(4))
+    assert expect.log_probs.shape == (3, 2) and torch.equal(out.detach(), expect.detach())
+    bf.NLLLoss("normal", noise_std=NOISE)(expect, y).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    opt.release()
+    assert model(x, samples=2).log_probs.shape == (2, 2)  # handed back: the ELBO's log densities again
