@@ -345,7 +345,7 @@ def _draw_values(mean: Tensor, rho: Tensor, lay: Layout, seed: int, pooled: bool
     ``pooled``: in memory kept from an earlier eval draw (:func:`_pooled_empty`)."""
     shape = (lay.n, *mean.shape)
     w = _pooled_empty(shape, mean.dtype) if pooled else torch.empty(shape, dtype=mean.dtype)
-    m, sd = mean.detach().reshape(-1), softplus_scratch(rho.detach().reshape(-1), 5)
+    m, sd = mean.detach().reshape(-1), _spread(rho, 5)
     fill(w.view(lay.n, -1), seed, lambda cols, b: affine_(b, sd[cols], m[cols]), lay)
     return w
 
@@ -461,6 +461,44 @@ def softplus_scratch(x: Tensor, slot: int) -> Tensor:
     return torch._C._nn.softplus(x, 1.0, 20.0, out=scratch(x.numel(), x.dtype, slot))
 
 
+#: ``rho -> (rho._version, rho.data_ptr(), softplus(rho) flat)``: spreads an optimiser computed once
+#: (bf.optim.IVON, after writing ``rho``), read by the draw, its backward and the next step instead
+#: of three softplus passes. Valid while ``rho`` is not written (its version counter; a write
+#: through ``rho.data`` bypasses it: an IVON-trained ``rho`` is the optimiser's to write).
+_KEPT_SPREADS: "WeakIdKeyDictionary" = None  # type: ignore[assignment]
+
+
+def keep_spread(rho: Tensor, sd: Tensor | None) -> None:
+    """Record ``sd`` (flat, contiguous, ``rho``'s dtype) as ``softplus(rho)``, bit for bit what
+    :func:`softplus_scratch` gives, until ``rho`` is next written; ``None`` forgets it."""
+    global _KEPT_SPREADS
+    if _KEPT_SPREADS is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _KEPT_SPREADS = WeakIdKeyDictionary()
+    if sd is None:
+        _KEPT_SPREADS.pop(rho, None)
+    else:
+        _KEPT_SPREADS[rho] = (rho._version, rho.data_ptr(), sd)
+
+
+def kept_spread(rho: Tensor) -> Tensor | None:
+    """``softplus(rho)`` flat, where :func:`keep_spread` recorded it for this ``rho`` as it is now."""
+    if _KEPT_SPREADS is None:
+        return None
+    entry = _KEPT_SPREADS.get(rho)
+    if entry is None or entry[0] != rho._version or entry[1] != rho.data_ptr():
+        return None
+    sd = entry[2]
+    return sd if sd.dtype == rho.dtype and sd.numel() == rho.numel() else None
+
+
+def _spread(rho: Tensor, slot: int) -> Tensor:
+    """``softplus(rho)`` flat: the kept one (read only) or computed into scratch ``slot``."""
+    sd = kept_spread(rho)
+    return softplus_scratch(rho.reshape(-1), slot) if sd is None else sd
+
+
 def _recoverable(m: Tensor, sd: Tensor) -> bool:
     """Every ``|m| / sd <= 1 / RECOVER_RATIO``: two reductions decide many tensors; else, block by
     block, one division into a scratch buffer and its ``aminmax``.
@@ -487,7 +525,7 @@ def _flat(t: Tensor | float | None) -> Tensor | float | None:
 
 
 def _backward_one(g: Tensor, w: Tensor, m: Tensor, rho: Tensor, glog: Tensor | None, lay: Layout,
-                  shape: torch.Size) -> tuple[Tensor, Tensor, None, None, None]:
+                  shape: torch.Size, kept: Tensor | None = None) -> tuple[Tensor, Tensor, None, None, None]:
     """The gradients of one kept sample ``w`` (``(numel,)``) with incoming gradient ``g`` (the
     sample's shape), no prior term: ``dL/dmean = g`` (the incoming gradient itself where it is
     contiguous: no pass at all) and ``dL/drho = (g (w - mean) + glog) / std * sigmoid(rho)``, four
@@ -497,7 +535,7 @@ def _backward_one(g: Tensor, w: Tensor, m: Tensor, rho: Tensor, glog: Tensor | N
 
     def part(c: int) -> None:
         cols = lay.cols(c)
-        sd_c = softplus_scratch(rho[cols], 3)
+        sd_c = softplus_scratch(rho[cols], 3) if kept is None else kept[cols]
         out = torch.sub(w[cols], m[cols], out=g_rho[cols]).mul_(g_mean[cols])  # g * (w - mean) = g * std * eps
         if glog is not None:
             out.add_(glog)
@@ -514,7 +552,9 @@ class _MeanFieldDraw(torch.autograd.Function):
         n = lay.n
         w = torch.empty((n, *mean.shape), dtype=mean.dtype)
         m = mean.reshape(-1)
-        sd = softplus_scratch(rho.reshape(-1), 5)  # not kept: backward recomputes it from rho, per block
+        # Not kept: backward recomputes it from rho per block, unless an optimiser keeps it (kept_spread).
+        kept = kept_spread(rho)
+        sd = softplus_scratch(rho.reshape(-1), 5) if kept is None else kept
         lc = _flat(loc)
 
         def per_block(cols: slice, b: Tensor) -> Tensor | None:
@@ -537,12 +577,13 @@ class _MeanFieldDraw(torch.autograd.Function):
             sq = quad = log_std = w.new_zeros(())
         else:
             sq, quad = torch.stack([torch.stack(r) for r in per_chunk]).sum(0).unbind(1)
-            log_std = sd.log_().sum()
+            log_std = (sd.log_() if kept is None else sd.log()).sum()
         rec = SampleRecompute.active()
         if rec is not None and recover:
             rec.register(w, lambda: _draw_values(mean, rho, lay, seed), (mean, rho))
         ctx.save_for_backward(w if recover else None, loc if isinstance(loc, Tensor) else None, mean, rho)
         ctx.loc, ctx.seed, ctx.shape, ctx.lay = (None if isinstance(loc, Tensor) else loc), seed, mean.shape, lay
+        ctx.kept = kept  # rho is saved: a write to it before backward raises there, so kept stays valid
         ctx.mark_non_differentiable(sq)
         ctx.set_materialize_grads(False)  # an unused quad / log_std: None, not a zero to add per weight
         return w, quad, sq, log_std
@@ -563,7 +604,7 @@ class _MeanFieldDraw(torch.autograd.Function):
         g = gw if gw is None or gw.dim() > 1 else gw.view(n, 1)  # a 0-d tensor's samples
         gq2 = None if gquad is None or loc is None else 2 * gquad
         if flat is not None and n == 1 and gq2 is None and g is not None:
-            return _backward_one(g[0], flat[0], m, rho, glog, lay, ctx.shape)
+            return _backward_one(g[0], flat[0], m, rho, glog, lay, ctx.shape, ctx.kept)
         g_mean = mean_t.new_empty(lay.numel)
         g_rho = mean_t.new_empty(lay.numel)
 
@@ -574,7 +615,7 @@ class _MeanFieldDraw(torch.autograd.Function):
             size = cols.stop - cols.start
             gm, acc = gm_buf[cols], acc_buf[cols]
             first = True  # the first sample writes gm and acc (no zeroing pass before an add)
-            sd_c = softplus_scratch(rho[cols], 3)
+            sd_c = softplus_scratch(rho[cols], 3) if ctx.kept is None else ctx.kept[cols]
             loc_c = loc[cols] if isinstance(loc, Tensor) else loc
             for s in samples:
                 # gb: dL/dw_s of this block as a view of the incoming gradient, in its shape
@@ -628,5 +669,6 @@ class _MeanFieldDraw(torch.autograd.Function):
             for gm_i, acc_i in bufs[1:]:
                 g_mean.add_(gm_i)
                 g_rho.add_(acc_i)
-            run_parallel([lambda c=c: finish(c, softplus_scratch(rho[lay.cols(c)], 3)) for c in range(lay.chunks)])
+            run_parallel([lambda c=c: finish(c, softplus_scratch(rho[lay.cols(c)], 3) if ctx.kept is None
+                                             else ctx.kept[lay.cols(c)]) for c in range(lay.chunks)])
         return g_mean.view(ctx.shape), g_rho.view(ctx.shape), None, None, None

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._normal import keep_spread, kept_spread
 from .priors import Flat, Laplace, Normal, Prior, ScaleMixtureNormal, StudentT
 from .sites import Site, iter_sites
 from .variational import MeanFieldNormal
@@ -160,7 +161,9 @@ class IVON(torch.optim.Optimizer):
     with ``kl_weight=0``): an ``ELBOLoss`` with a KL term raises ``ValueError`` on an output
     of a model that an IVON optimiser trains (``opt.release()`` hands the model back).
 
-    Memory: two float32 tensors per Bayesian weight (momentum and Hessian), as Adam.
+    Memory: two float32 tensors per Bayesian weight (momentum and Hessian), as Adam, and (CPU,
+    float32 spreads) ``softplus(rho)`` kept after each step for the next draw, its backward and
+    the next step, one more tensor not in ``state_dict()`` (``opt.keep_spreads = False``: none).
     Mixed precision: the state is float32 whatever the parameters' dtype.
     Distributed: under ``DistributedDataParallel`` every rank sees the all-reduced gradients
     of the means and spreads, so the Hessian estimates agree across ranks. Under FSDP2
@@ -307,6 +310,21 @@ class IVON(torch.optim.Optimizer):
         else:
             rho.copy_(std.expm1_().log_())
 
+    #: Keep ``softplus(rho)`` after each step for the next draw, its backward and the next step
+    #: (one softplus pass per weight instead of three; one float32 tensor per weight of memory).
+    keep_spreads = True
+
+    def _keep_spread(self, rho: Tensor, old: Tensor | None) -> None:
+        """``softplus(rho)``, computed once, for the next draw of this spread (see
+        :func:`bayesify._normal.kept_spread`): into the old one's memory where there is one (a graph
+        that still reads it saved ``rho``, whose write just now makes its backward raise)."""
+        if not (self.keep_spreads and rho.dtype == torch.float32 and rho.device.type == "cpu"
+                and rho.is_contiguous() and not _is_dtensor(rho)):
+            return
+        flat = rho.detach().reshape(-1)
+        out = old if old is not None else torch.empty_like(flat)
+        keep_spread(rho, torch._C._nn.softplus(flat, 1.0, 20.0, out=out))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for site in self._sites.values():
@@ -364,7 +382,8 @@ class IVON(torch.optim.Optimizer):
                 # forms (lerp, add with alpha): ResNet-18's step (11.2 M weights, one thread) 165 ->
                 # ~135 ms; softplus, sigmoid and the inverse softplus are most of the rest.
                 r = rho.detach().float()
-                sigma = F.softplus(r)
+                kept = kept_spread(rho) if rho.dtype == torch.float32 else None
+                sigma = F.softplus(r) if kept is None else kept.view(r.shape)  # read only
                 a = hess.add(delta)
                 if delta < 1e-12:
                     a.clamp_min_(1e-12)
@@ -411,4 +430,5 @@ class IVON(torch.optim.Optimizer):
                 # sigma = 1 / sqrt(ess (h + delta)) into rho = inverse_softplus(sigma)
                 self._set_rho(rho, denom, ess)
                 rho.grad = None
+                self._keep_spread(rho, kept)
         return loss

@@ -245,3 +245,48 @@ def test_a_model_trained_by_ivon_draws_no_log_densities():
             torch.testing.assert_close(p.grad, q.grad, msg=name)
     opt.release()
     assert model(x, samples=2).log_probs.shape == (2, 2)  # handed back: the ELBO's log densities again
+
+
+def test_kept_spreads_give_the_same_steps_bit_for_bit():
+    # IVON keeps softplus(rho) after each step for the next draw, its backward and the next step:
+    # the same numbers as computing it there, for one sample (the one-sample backward) and three.
+    x, y = linear_data()
+    runs = []
+    for keep in (True, False):
+        torch.manual_seed(0)
+        model = bf.bayesify(nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 1)), prior="normal:loc=0,scale=1")
+        opt = bf.optim.IVON(model, lr=0.05, ess=len(x))
+        opt.keep_spreads = keep
+        model.train()
+        g = torch.Generator().manual_seed(3)
+        for samples in (1, 3, 1, 1, 3):
+            loss = bf.NLLLoss("normal", noise_std=NOISE)(model(x, samples=samples, generator=g), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pred = model(x, samples=4, generator=torch.Generator().manual_seed(1))
+        runs.append((model, pred))
+    (a, pa), (b, pb) = runs
+    assert torch.equal(pa, pb)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_a_kept_spread_is_forgotten_when_rho_is_written():
+    import bayesify._normal as normal
+
+    x, y = linear_data()
+    model = linear_model().train()
+    opt = bf.optim.IVON(model, ess=len(x))
+    bf.NLLLoss("normal", noise_std=NOISE)(model(x, samples=1), y).backward()
+    opt.step()
+    rho = model.weight_rho
+    assert torch.equal(normal.kept_spread(rho), F.softplus(rho.detach()).reshape(-1))
+    with torch.no_grad():
+        rho.sub_(1.0)  # a write: the kept spread no longer applies
+    assert normal.kept_spread(rho) is None
+    w = model(x, samples=2, generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(model)
+    ref.__dict__.pop("_prior_in_optimizer", None)
+    assert torch.equal(w, ref(x, samples=2, generator=torch.Generator().manual_seed(0)))
