@@ -496,7 +496,7 @@ def kept_spread(rho: Tensor) -> Tensor | None:
 def _spread(rho: Tensor, slot: int) -> Tensor:
     """``softplus(rho)`` flat: the kept one (read only) or computed into scratch ``slot``."""
     sd = kept_spread(rho)
-    return softplus_scratch(rho.reshape(-1), slot) if sd is None else sd
+    return softplus_scratch(rho.detach().reshape(-1), slot) if sd is None else sd
 
 
 def _recoverable(m: Tensor, sd: Tensor) -> bool:
