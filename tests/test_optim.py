@@ -247,9 +247,11 @@ def test_a_model_trained_by_ivon_draws_no_log_densities():
     assert model(x, samples=2).log_probs.shape == (2, 2)  # handed back: the ELBO's log densities again
 
 
-def test_kept_spreads_give_the_same_steps_bit_for_bit():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_kept_spreads_give_the_same_steps_bit_for_bit(recompute):
     # IVON keeps softplus(rho) after each step for the next draw, its backward and the next step:
-    # the same numbers as computing it there, for one sample (the one-sample backward) and three.
+    # the same numbers as computing it there, for one sample (the one-sample backward) and three,
+    # also where backward draws the samples again (recompute_samples).
     x, y = linear_data()
     runs = []
     for keep in (True, False):
@@ -260,7 +262,8 @@ def test_kept_spreads_give_the_same_steps_bit_for_bit():
         model.train()
         g = torch.Generator().manual_seed(3)
         for samples in (1, 3, 1, 1, 3):
-            loss = bf.NLLLoss("normal", noise_std=NOISE)(model(x, samples=samples, generator=g), y)
+            out = model(x, samples=samples, generator=g, recompute_samples=recompute)
+            loss = bf.NLLLoss("normal", noise_std=NOISE)(out, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
