@@ -153,6 +153,8 @@ class ELBOLoss(nn.Module):
             raise ValueError("the output carries no log_probs: call the model in training mode "
                              "(model.train()) before computing the ELBO")
         log_probs, kl_analytic, _ = info
+        if log_probs is None:  # trained by an optimiser that applies the prior (bf.optim.IVON): its KL, as NLLLoss
+            return torch.zeros((), device=pred.device)
         kl = (log_probs[:, 1] - log_probs[:, 0]).mean()
         return kl + kl_analytic
 

@@ -9,7 +9,8 @@ Data flow of one sampled forward (all in :meth:`VIModule._sampled_call`):
    substituting the samples with ``torch.func.functional_call``; parameters that
    are not Bayesian are shared, never copied per sample;
 3. return every output tensor with a leading sample dimension and, in training
-   mode, ``log_probs`` ``(S, 2)`` (prior, variational) and ``kl_analytic`` attached.
+   mode, ``log_probs`` ``(S, 2)`` (prior, variational) and ``kl_analytic`` attached
+   (``log_probs`` None for a model trained by ``bf.optim.IVON``, which applies the prior itself).
 
 Inside the vmapped forward, ``_vmap_rules`` adapts a few operators for that call on this
 thread only (attention, torchvision's stochastic depth). Tensors that depend on no sampled
@@ -224,6 +225,11 @@ class VIModule(nn.Module):
     def _sampled_call(self, args: tuple, kwargs: dict, n: int, generator: torch.Generator | None,
                       chunk_size: int | None, recompute: SampleRecompute | None = None) -> Any:
         with_logp = self.training
+        # A model whose prior an optimiser applies (bf.optim.IVON sets _prior_in_optimizer): no loss
+        # reads the log densities (ELBOLoss refuses a KL term, NLLLoss has none), so none are
+        # computed (per weight, a pass and a dot product in the draw and three passes in backward);
+        # the outputs still carry the KL information, with log_probs None.
+        drawn_logp = with_logp and not self.__dict__.get("_prior_in_optimizer")
         seeds: dict[str, int] = {}
         structure: dict[str, Any] = {}
         # chunk_size: the weights are drawn chunk by chunk too, so memory holds at most
@@ -235,7 +241,7 @@ class VIModule(nn.Module):
         # recompute_samples: seeded sites are drawn where the forward first reads them (see
         # _evaluate), so no sample outlives its use; ``defer`` holds their draws, per chunk.
         defer = None if recompute is None else {}
-        drawn = self._draws(step, generator, with_logp, seeds, 0, defer)
+        drawn = self._draws(step, generator, drawn_logp, seeds, 0, defer)
         # In-forward randomness (dropout, local reparameterisation) follows the explicit
         # generator when one is given, and the global RNG otherwise.
         rng = nullcontext()
@@ -252,7 +258,7 @@ class VIModule(nn.Module):
                 k = min(step, n - start)
                 if drawn is None:
                     defer = None if recompute is None else {}
-                    drawn = self._draws(k, generator, with_logp, seeds, start, defer)
+                    drawn = self._draws(k, generator, drawn_logp, seeds, start, defer)
                 weights, terms, zeros, chunk_kl = drawn
                 kl = chunk_kl if kl is None else kl  # the closed-form part does not depend on the draws
                 sink: dict[str, tuple[Any, Any]] = {}  # (log p, log q) of each deferred site drawn
@@ -275,7 +281,7 @@ class VIModule(nn.Module):
         for i, x in structure["static"]:
             leaves.insert(i, x)
         if with_logp:
-            lp = torch.stack([torch.cat(lps), torch.cat(lqs)], dim=1)
+            lp = torch.stack([torch.cat(lps), torch.cat(lqs)], dim=1) if drawn_logp else None
             for t in tensors:
                 t.log_probs = lp
                 t.kl_analytic = kl
@@ -494,8 +500,9 @@ def vi_attributes(t: Tensor) -> tuple[Tensor, Any, Callable[[], Tensor] | None] 
     ``static_graph=True``), from the autograd node of the original output.
     """
     lp = getattr(t, "log_probs", None)
-    if lp is not None:
-        return lp, getattr(t, "kl_analytic", 0.0), getattr(t, "kl_closed_form", None)
+    fn = getattr(t, "kl_closed_form", None)
+    if lp is not None or fn is not None:  # log_probs None: a model whose prior its optimiser applies
+        return lp, getattr(t, "kl_analytic", 0.0), fn
     node = t.grad_fn
     if node is None:
         return None

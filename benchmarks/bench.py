@@ -857,6 +857,10 @@ def bench_optimizer_step(w: Workload, repeats: int, quick: bool, batch: int | No
                 times[name].append(_clock() - t)
     out = {k: statistics.median(v) for k, v in times.items()}
     state = sum(t.numel() for st in ivon.state.values() for t in st.values() if isinstance(t, torch.Tensor))
+    from bayesify._normal import kept_spread
+
+    kept = (kept_spread(s.vparams()["rho"]) for s in ivon_bnn.bayesian_sites())
+    state += sum(k.numel() for k in kept if k is not None)  # softplus(rho) kept for the next draw
     out["ivon_state_per_weight"] = state / n_weights
     out["batch"] = batch
     return out
@@ -870,7 +874,7 @@ def optimizer_table(w: Workload, res: dict[str, float]) -> str:
     for k in ("point + Adam", "bayesify + IVON", "bayesify + ELBO/Adam"):
         lines.append(f"| {k} | {res[k] * 1e3:.1f} | {res[k] / ref:.2f}x |")
     lines.append(f"\nIVON optimiser state: {res['ivon_state_per_weight']:.2f} tensors per Bayesian weight "
-                 "(momentum, Hessian; Adam: 2)")
+                 "(momentum, Hessian, the kept softplus(rho); Adam: 2)")
     return "\n".join(lines)
 
 

@@ -46,7 +46,8 @@ def test_noise_does_not_depend_on_the_thread_count():
 @pytest.mark.parametrize("loc", ["tensor", 0.25, None])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("path", ["recover", "regenerate"])
-def test_backward_equals_autograd(shape, loc, threads, path):
+@pytest.mark.parametrize("n", [4, 1])
+def test_backward_equals_autograd(shape, loc, threads, path, n):
     # "recover": every std >= RECOVER_RATIO * |mean|, backward recomputes eps from the sample;
     # "regenerate": one tiny std, backward redraws eps from the block seeds.
     torch.manual_seed(0)
@@ -59,7 +60,6 @@ def test_backward_equals_autograd(shape, loc, threads, path):
             rho.view(-1)[-1] = -30.0  # std ~ 1e-13
         rho.requires_grad_()
         lc = torch.randn(shape, dtype=torch.float64) if loc == "tensor" else loc
-        n = 4
         g_out = torch.randn(n, *shape, dtype=torch.float64)
         g_quad = torch.randn(n, dtype=torch.float64)
 
@@ -85,6 +85,24 @@ def test_backward_equals_autograd(shape, loc, threads, path):
         torch.testing.assert_close(gr, gr2)
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("shape", [(), (7, 5), (4, BLOCK // 3 + 1)])
+def test_one_sample_backward_with_a_strided_gradient(shape):
+    # One sample, the incoming gradient a transpose (as the vmapped F.linear's weight gradient):
+    # the one-sample backward reads it as it comes, and equals autograd through mean + std * eps.
+    torch.manual_seed(1)
+    mean = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    rho = torch.randn(shape, dtype=torch.float64).sub_(2).requires_grad_()
+    g_out = torch.randn(1, *shape[::-1], dtype=torch.float64)
+    w, *_ = meanfield_draw(mean, rho, None, 1, _gen(3))
+    gm, gr = torch.autograd.grad((w.transpose(-1, -2) if w.dim() > 2 else w).mul(g_out).sum(), (mean, rho))
+    eps = standard_normal((1, *shape), torch.float64, torch.device("cpu"), _gen(3))
+    w2 = torch.addcmul(mean, torch.nn.functional.softplus(rho), eps)
+    assert torch.equal(w.detach(), w2.detach())
+    gm2, gr2 = torch.autograd.grad((w2.transpose(-1, -2) if w2.dim() > 2 else w2).mul(g_out).sum(), (mean, rho))
+    torch.testing.assert_close(gm, gm2)
+    torch.testing.assert_close(gr, gr2)
 
 
 def test_no_grad_draw_equals_grad_draw():

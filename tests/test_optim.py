@@ -220,3 +220,76 @@ def test_param_groups_and_mixed_precision_state():
     assert twin.state[second.weight]["hess"].dtype == torch.float32
     torch.testing.assert_close(twin.state[second.weight]["hess"], st["hess"], rtol=0, atol=0)
     assert second.weight.dtype == torch.bfloat16 and torch.isfinite(second.weight).all()
+
+
+def test_a_model_trained_by_ivon_draws_no_log_densities():
+    # IVON applies the prior: no loss reads the log densities, so none are computed; the KL
+    # information stays (an ELBO with a KL term is still refused), kl_weight=0 reports no KL as
+    # NLLLoss does, and the weights and their gradients are those of a draw with log densities.
+    x, y = linear_data()
+    model = linear_model().train()
+    ref = copy.deepcopy(model)
+    opt = bf.optim.IVON(model, ess=len(x))
+    out = model(x, samples=3, generator=torch.Generator().manual_seed(4))
+    assert out.log_probs is None and callable(out.kl_closed_form)
+    with pytest.raises(ValueError, match="NLLLoss"):
+        bf.ELBOLoss("normal", dataset_size=len(x))(out, y)
+    loss_fn = bf.ELBOLoss("normal", dataset_size=len(x), kl_weight=0, noise_std=NOISE)
+    loss_fn(out, y).backward()
+    assert loss_fn.last.kl == 0.0
+    expect = ref(x, samples=3, generator=torch.Generator().manual_seed(4))
+    assert expect.log_probs.shape == (3, 2) and torch.equal(out.detach(), expect.detach())
+    bf.NLLLoss("normal", noise_std=NOISE)(expect, y).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    opt.release()
+    assert model(x, samples=2).log_probs.shape == (2, 2)  # handed back: the ELBO's log densities again
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_kept_spreads_give_the_same_steps_bit_for_bit(recompute):
+    # IVON keeps softplus(rho) after each step for the next draw, its backward and the next step:
+    # the same numbers as computing it there, for one sample (the one-sample backward) and three,
+    # also where backward draws the samples again (recompute_samples).
+    x, y = linear_data()
+    runs = []
+    for keep in (True, False):
+        torch.manual_seed(0)
+        model = bf.bayesify(nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 1)), prior="normal:loc=0,scale=1")
+        opt = bf.optim.IVON(model, lr=0.05, ess=len(x))
+        opt.keep_spreads = keep
+        model.train()
+        g = torch.Generator().manual_seed(3)
+        for samples in (1, 3, 1, 1, 3):
+            out = model(x, samples=samples, generator=g, recompute_samples=recompute)
+            loss = bf.NLLLoss("normal", noise_std=NOISE)(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pred = model(x, samples=4, generator=torch.Generator().manual_seed(1))
+        runs.append((model, pred))
+    (a, pa), (b, pb) = runs
+    assert torch.equal(pa, pb)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_a_kept_spread_is_forgotten_when_rho_is_written():
+    import bayesify._normal as normal
+
+    x, y = linear_data()
+    model = linear_model().train()
+    opt = bf.optim.IVON(model, ess=len(x))
+    bf.NLLLoss("normal", noise_std=NOISE)(model(x, samples=1), y).backward()
+    opt.step()
+    rho = model.weight_rho
+    assert torch.equal(normal.kept_spread(rho), F.softplus(rho.detach()).reshape(-1))
+    with torch.no_grad():
+        rho.sub_(1.0)  # a write: the kept spread no longer applies
+    assert normal.kept_spread(rho) is None
+    w = model(x, samples=2, generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(model)
+    ref.__dict__.pop("_prior_in_optimizer", None)
+    assert torch.equal(w, ref(x, samples=2, generator=torch.Generator().manual_seed(0)))
