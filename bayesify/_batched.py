@@ -240,9 +240,24 @@ class SampleConv2d(torch.autograd.Function):
         xs = x if x_dim is None else x.movedim(x_dim, 0)
         w = weight if w_dim is None else weight.movedim(w_dim, 0)
         b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
-        if conv2d_kernel(xs, x_dim is None, w, w_dim is None, b, b_dim is None, geometry, info.batch_size) != "gemm":
+        kernel = conv2d_kernel(xs, x_dim is None, w, w_dim is None, b, b_dim is None, geometry, info.batch_size)
+        if kernel == "loop":
+            return _conv2d_loop_over_samples(xs, w, b, x_dim is None, b_dim is None, geometry), 0
+        if kernel != "gemm":
             return torch.vmap(conv, in_dims=in_dims[:3])(x, weight, bias), 0
         return _conv2d_gemm_over_samples(xs, w, b, w_dim is None, one.dim() == 3, geometry), 0
+
+
+def _conv2d_loop_over_samples(xs: Tensor, w: Tensor, b: Tensor | None, x_shared: bool, b_shared: bool,
+                              geometry: tuple) -> Tensor:
+    """The loop kernel on physical tensors, samples first (per-sample ``w`` ``(S, O, C, kh, kw)``
+    only): PyTorch's plain ``F.conv2d`` once per sample, on that sample's input batch (or the shared
+    input) with that sample's weight, stacked -> ``(S, [N,] O, Ho, Wo)``. Each call is the point
+    model's own kernel at batch ``N``; differentiable by plain autograd (``unbind`` / ``stack``)."""
+    s = w.shape[0]
+    inputs = [xs] * s if x_shared else xs.unbind(0)
+    biases = [None] * s if b is None else [b] * s if b_shared else b.unbind(0)
+    return torch.stack([F.conv2d(a, q, r, *geometry) for a, q, r in zip(inputs, w.unbind(0), biases)])
 
 
 def _conv2d_gemm_over_samples(xs: Tensor, w: Tensor, b: Tensor | None, w_shared: bool, unbatched: bool,
@@ -262,9 +277,10 @@ def _conv2d_gemm_over_samples(xs: Tensor, w: Tensor, b: Tensor | None, w_shared:
 
 def conv2d_kernel(xs: Tensor, x_shared: bool, w: Tensor, w_shared: bool, b: Tensor | None, b_shared: bool,
                   geometry: tuple, samples: int) -> str:
-    """``"gemm"`` or ``"conv"`` (PyTorch's own vmap rule: a grouped convolution) for a per-sample
+    """``"gemm"``, ``"conv"`` (PyTorch's own vmap rule: a grouped convolution) or ``"loop"`` (per-sample
+    weights only: one plain convolution per sample, :func:`_conv2d_loop_over_samples`) for a per-sample
     ``conv2d`` of these physical tensors (samples first, as in :func:`_conv2d_gemm_over_samples`):
-    the fixed rule while autotune is off, else the faster of the two, timed once per process for
+    the fixed rule while autotune is off, else the fastest candidate, timed once per process for
     these shapes, dtype, device and the gradients needed (:mod:`bayesify.backends`)."""
     unbatched = xs.dim() - (not x_shared) == 3
     one_shape = xs.shape[-3:]
@@ -306,6 +322,9 @@ def conv2d_kernel(xs: Tensor, x_shared: bool, w: Tensor, w_shared: bool, b: Tens
                                                    in_dims=(x_dim, w_dim, b_dim))(a, ww, bb)),
         "gemm": trial(lambda a, ww, bb: _conv2d_gemm_over_samples(a, ww, bb, w_shared, unbatched, geometry)),
     }
+    if not w_shared:  # one weight for all samples: PyTorch's rule already is one plain convolution
+        candidates["loop"] = trial(lambda a, ww, bb: _conv2d_loop_over_samples(a, ww, bb, x_shared, b_shared,
+                                                                               geometry))
     return backends.choose(key, candidates, fixed, device)
 
 
