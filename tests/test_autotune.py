@@ -289,3 +289,38 @@ def test_a_candidate_that_fails_its_trial_is_out():
     key = ("test", "broken", os.getpid())
     assert backends.choose(key, {"broken": broken, "works": works}, "broken", torch.device("cpu")) == "works"
     assert backends.choices()[key][1]["broken"] == float("inf")
+
+
+# (H, W, kernel, stride, padding, dilation, trimmed kernel): maps small enough that some taps only meet padding
+TRIMS = [(1, 1, 3, 1, 1, 1, (1, 1)), (2, 2, 3, 2, 1, 1, (2, 2)), (1, 1, 3, 1, 2, 2, (1, 1)), (2, 2, 3, 1, 1, 1, (3, 3)),
+         (1, 3, (3, 3), 1, 1, 1, (1, 3)), (1, 1, 5, 1, 2, 1, (1, 1)), (2, 3, 5, 2, (2, 1), 1, (2, 3)),
+         (4, 4, 3, 2, 1, 1, (3, 3)), (2, 2, 3, 1, 2, 2, (1, 1))]
+
+
+@pytest.mark.parametrize("trim", TRIMS)
+def test_trimming_the_padding_taps_keeps_outputs_and_gradients(trim):
+    h, w_, k, stride, padding, dilation, kept = trim
+    geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
+    g = _gen(3)
+    kh, kw = _batched._pair(k)
+    x = torch.randn(2, 4, h, w_, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, kh, kw, generator=g, dtype=torch.float64, requires_grad=True)
+    tw, tgeo = _batched.trim_padding_taps((h, w_), w, geo)
+    assert tuple(tw.shape[-2:]) == kept
+    want = torch.vmap(lambda q: F.conv2d(x, q, None, *geo))(w)
+    got = torch.vmap(lambda q: F.conv2d(x, q, None, *tgeo))(tw)
+    torch.testing.assert_close(got, want)
+    up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, [x, w], up)
+    for a, e in zip(torch.autograd.grad(got, [x, w], up), want_grads):
+        torch.testing.assert_close(a, e)
+    # and the whole rule (trim + the chosen kernel) against PyTorch's, with each kernel forced
+    for kernel in ("conv", "gemm", "loop"):
+        old, _batched.conv2d_kernel = _batched.conv2d_kernel, lambda *args: kernel
+        try:
+            via = torch.vmap(lambda q: _batched.SampleConv2d.apply(x, q, None, *geo))(w)
+        finally:
+            _batched.conv2d_kernel = old
+        torch.testing.assert_close(via, want)
+        for a, e in zip(torch.autograd.grad(via, [x, w], up), want_grads):
+            torch.testing.assert_close(a, e)
