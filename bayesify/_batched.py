@@ -260,6 +260,12 @@ class SampleConv2d(torch.autograd.Function):
 #: padding (:func:`trim_padding_taps`): a 3x3 convolution of a 1x1 map (padding 1) is its centre tap.
 TRIM_PADDING_TAPS = True
 
+#: ... where that keeps at most 1 / this of the taps: the trimmed weight is a strided view that
+#: the kernels copy, reading every drawn tap's cache line. Measured on an AVX-512 Xeon, one thread,
+#: ResNet-18 eval, 10 samples x 32: 3x3 -> 1x1 (512 channels, 1x1 map) 35 -> 18 ms a layer with
+#: the copy; 3x3 -> 2x2 (256 -> 512, stride 2 on a 2x2 map) 14 -> 52 ms (the copy 49 ms).
+TRIM_MAX_KEPT_INVERSE = 4
+
 
 def _used_taps(n: int, k: int, stride: int, padding: int, dilation: int) -> tuple[int, int] | None:
     """First and last tap (of ``k``) of a convolution along one dim of size ``n`` that meets real
@@ -277,13 +283,14 @@ def _used_taps(n: int, k: int, stride: int, padding: int, dilation: int) -> tupl
 
 def trim_padding_taps(hw: Any, w: Tensor, geometry: tuple) -> tuple[Tensor, tuple]:
     """``(w, geometry)`` of a convolution of an ``hw`` map without the kernel taps that meet only the
-    zero padding: ``w[..., r0:r1, c0:c1]`` (a view; its gradient is 0 at the dropped taps, as the
+    zero padding (where at most 1 / :data:`TRIM_MAX_KEPT_INVERSE` of the taps remain, else unchanged): ``w[..., r0:r1, c0:c1]`` (a view; its gradient is 0 at the dropped taps, as the
     full kernel's is) with the padding reduced to match. The same outputs up to the order of
     summation; unchanged where nothing can be dropped."""
     stride, padding, dilation = geometry
     spans = [_used_taps(n, k, st, p, d) for n, k, st, p, d in zip(hw, w.shape[-2:], stride, padding, dilation)]
     spans = [(0, k - 1) if span is None else span for span, k in zip(spans, w.shape[-2:])]
-    if all(lo == 0 and hi == k - 1 for (lo, hi), k in zip(spans, w.shape[-2:])):
+    kept = (spans[0][1] - spans[0][0] + 1) * (spans[1][1] - spans[1][0] + 1)
+    if kept * TRIM_MAX_KEPT_INVERSE > w.shape[-2] * w.shape[-1]:
         return w, geometry
     (r0, r1), (c0, c1) = spans
     padding = tuple(p - lo * d for p, (lo, _), d in zip(padding, spans, dilation))

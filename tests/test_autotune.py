@@ -298,13 +298,14 @@ TRIMS = [(1, 1, 3, 1, 1, 1, (1, 1)), (2, 2, 3, 2, 1, 1, (2, 2)), (1, 1, 3, 1, 2,
 
 
 @pytest.mark.parametrize("trim", TRIMS)
-def test_trimming_the_padding_taps_keeps_outputs_and_gradients(trim):
+def test_trimming_the_padding_taps_keeps_outputs_and_gradients(monkeypatch, trim):
     h, w_, k, stride, padding, dilation, kept = trim
     geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
     g = _gen(3)
     kh, kw = _batched._pair(k)
     x = torch.randn(2, 4, h, w_, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 5, 4, kh, kw, generator=g, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(_batched, "TRIM_MAX_KEPT_INVERSE", 1)  # trim whatever can be trimmed
     tw, tgeo = _batched.trim_padding_taps((h, w_), w, geo)
     assert tuple(tw.shape[-2:]) == kept
     want = torch.vmap(lambda q: F.conv2d(x, q, None, *geo))(w)
@@ -324,3 +325,11 @@ def test_trimming_the_padding_taps_keeps_outputs_and_gradients(trim):
         torch.testing.assert_close(via, want)
         for a, e in zip(torch.autograd.grad(via, [x, w], up), want_grads):
             torch.testing.assert_close(a, e)
+
+
+def test_trimming_keeps_the_full_kernel_where_most_taps_remain():
+    w = torch.randn(2, 4, 3, 3, 3)
+    geo = ((2, 2), (1, 1), (1, 1))
+    assert _batched.trim_padding_taps((2, 2), w, geo)[0] is w  # 2x2 of 3x3 taps: not worth the copy
+    tw, tgeo = _batched.trim_padding_taps((1, 1), w, ((1, 1), (1, 1), (1, 1)))  # the centre tap alone
+    assert tw.shape[-2:] == (1, 1) and tgeo[1] == (0, 0)
