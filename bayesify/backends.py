@@ -1,8 +1,8 @@
 """Which kernel a per-sample layer runs, decided by measurement (like ``torch.backends.cudnn.benchmark``).
 
 Where bayesify has more than one way to compute a layer for all weight samples at once (today:
-a ``conv2d`` on a small map, as PyTorch's own vmap rule, a grouped convolution, or as one GEMM
-over the unfolded inputs; see :mod:`bayesify._batched`), the fastest one depends on the CPU,
+a ``conv2d`` on a small map, as PyTorch's own vmap rule, a grouped convolution, as one GEMM
+over the unfolded inputs, or as one plain convolution per sample; see :mod:`bayesify._batched`), the fastest one depends on the CPU,
 the BLAS / oneDNN build and the thread count: a threshold tuned on one machine was 5x faster
 there and 1.4x slower on another of the same kind. So on first use of a layer shape (with its
 sample count, dtype, device and whether gradients are needed) every candidate is timed once on

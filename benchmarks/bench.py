@@ -302,6 +302,53 @@ class AutotuneRunner(BayesifyRunner):
             super().predict(batches)
 
 
+class AutotuneNoLoopRunner(BayesifyRunner):
+    """``bayesify, autotune`` without the ``"loop"`` conv2d candidate (one plain convolution per
+    sample): the A/B partner that shows what that candidate adds, interleaved in the same run."""
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        from bayesify import _batched
+
+        was, _batched.CONV2D_CANDIDATES = _batched.CONV2D_CANDIDATES, ("conv", "gemm")
+        try:
+            with _autotune(True):
+                fn()
+        finally:
+            _batched.CONV2D_CANDIDATES = was
+
+    def eval_forward(self) -> None:
+        self._run(super().eval_forward)
+
+    def train_step(self) -> None:
+        self._run(super().train_step)
+
+    def predict(self, batches: int) -> None:
+        self._run(lambda: super(AutotuneNoLoopRunner, self).predict(batches))
+
+
+class UntrimmedRunner(BayesifyRunner):
+    """``bayesify`` with the per-sample small-map convolutions over the full kernel (no dropping of
+    the taps that meet only padding, ``bayesify._batched.TRIM_PADDING_TAPS``): its A/B partner."""
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        from bayesify import _batched
+
+        was, _batched.TRIM_PADDING_TAPS = _batched.TRIM_PADDING_TAPS, False
+        try:
+            fn()
+        finally:
+            _batched.TRIM_PADDING_TAPS = was
+
+    def eval_forward(self) -> None:
+        self._run(super().eval_forward)
+
+    def train_step(self) -> None:
+        self._run(super().train_step)
+
+    def predict(self, batches: int) -> None:
+        self._run(lambda: super(UntrimmedRunner, self).predict(batches))
+
+
 class PreviousEvalRunner(BayesifyRunner):
     """The A/B partner of ``bayesify`` for eval and predict: as before the eval speed-ups, interleaved
     with it in the same run: ``bf.predict`` draws the weights again for every batch (the kept-draws
@@ -447,6 +494,10 @@ CONTENDERS = [
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
     Contender("bayesify, autotune", _bayesify(None), AutotuneRunner,
               "bf.bayesify(model) with bayesify.backends.autotune = True (kernels chosen by measurement)"),
+    Contender("bayesify, autotune without loop", _bayesify(None), AutotuneNoLoopRunner,
+              "bf.bayesify(model) with autotune on but without the 'loop' conv2d candidate (the A/B partner)"),
+    Contender("bayesify, untrimmed", _bayesify(None), UntrimmedRunner,
+              "bf.bayesify(model) with small-map convolutions over the full kernel (taps meeting only padding kept)"),
     Contender("bayesify, previous eval", _bayesify(None), PreviousEvalRunner,
               "bf.bayesify(model) with bf.predict drawing the weights per batch and PyTorch's eval BatchNorm rule "
               "and mul_ + add_ for mean + std * eps in fresh memory (the eval path before this branch)"),

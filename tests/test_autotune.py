@@ -55,7 +55,7 @@ def test_choice_is_measured_once_per_shape_and_cached(caplog):
     logged = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
     assert len(logged) == 1 and "w(3, 7, 5, 3, 3)" in logged[0] and "S=3" in logged[0], logged
     key, (choice, times) = next((k, v) for k, v in backends.choices().items() if "w(3, 7, 5, 3, 3)" in k[2])
-    assert choice in ("gemm", "conv") and set(times) == {"gemm", "conv"}
+    assert choice in ("gemm", "conv", "loop") and set(times) == {"gemm", "conv", "loop"}
     assert f": {choice} (measured" in logged[0]
     assert times[choice] == min(times.values())
     for _ in range(2):  # the same shapes again: the cached choice, no trial
@@ -162,8 +162,14 @@ def test_every_candidate_kernel_gives_the_default_outputs_and_gradients(geometry
     got = _batched._conv2d_gemm_over_samples(x, w, b, lw == "1", unbatched, geo)
     torch.testing.assert_close(got, want)
     up = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    for a, e in zip(torch.autograd.grad(got, inputs, up), torch.autograd.grad(want, inputs, up)):
+    want_grads = torch.autograd.grad(want, inputs, up)
+    for a, e in zip(torch.autograd.grad(got, inputs, up), want_grads):
         torch.testing.assert_close(a, e)
+    if lw == "S":  # the loop kernel (per-sample weights only): one plain F.conv2d per sample
+        looped = _batched._conv2d_loop_over_samples(x, w, b, lx == "1", lb == "1", geo)
+        torch.testing.assert_close(looped, want)
+        for a, e in zip(torch.autograd.grad(looped, inputs, up), want_grads):
+            torch.testing.assert_close(a, e)
     # and through SampleConv2d's vmap rule, whichever kernel is chosen for these shapes
     via_rule = torch.vmap(lambda a, ww, bb: _batched.SampleConv2d.apply(a, ww, bb, *geo), in_dims=dims)(x, w, b)
     torch.testing.assert_close(via_rule, want)
@@ -186,6 +192,30 @@ def test_model_step_is_the_same_with_either_kernel(monkeypatch, estimator):
         ref, ref_grads = _step(bnn, x)
         torch.testing.assert_close(out, ref)
         for a, e in zip(grads, ref_grads):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_step_is_the_same_with_each_kernel_forced_through_the_vmap_rule(monkeypatch, channels_last):
+    # every small-map convolution through SampleConv2d's vmap rule with the kernel forced: "loop"
+    # (one plain F.conv2d per sample), "gemm", "conv" (PyTorch's rule); strided, dilated, padded
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(24, 2))
+    bnn = bf.bayesify(model)
+    x = torch.randn(4, 3, 4, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    results, asked = {}, []
+    for kernel in ("conv", "gemm", "loop"):
+        monkeypatch.setattr(_batched, "conv2d_kernel", lambda *args, kernel=kernel: asked.append(kernel) or kernel)
+        results[kernel] = _step(bnn, x)
+    assert asked.count("loop") == 2  # both convolutions went through the rule
+    out, grads = results["conv"]
+    for kernel in ("gemm", "loop"):
+        torch.testing.assert_close(results[kernel][0], out)
+        for a, e in zip(results[kernel][1], grads):
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
@@ -259,3 +289,47 @@ def test_a_candidate_that_fails_its_trial_is_out():
     key = ("test", "broken", os.getpid())
     assert backends.choose(key, {"broken": broken, "works": works}, "broken", torch.device("cpu")) == "works"
     assert backends.choices()[key][1]["broken"] == float("inf")
+
+
+# (H, W, kernel, stride, padding, dilation, trimmed kernel): maps small enough that some taps only meet padding
+TRIMS = [(1, 1, 3, 1, 1, 1, (1, 1)), (2, 2, 3, 2, 1, 1, (2, 2)), (1, 1, 3, 1, 2, 2, (1, 1)), (2, 2, 3, 1, 1, 1, (3, 3)),
+         (1, 3, (3, 3), 1, 1, 1, (1, 3)), (1, 1, 5, 1, 2, 1, (1, 1)), (2, 3, 5, 2, (2, 1), 1, (2, 3)),
+         (4, 4, 3, 2, 1, 1, (3, 3)), (2, 2, 3, 1, 2, 2, (1, 1))]
+
+
+@pytest.mark.parametrize("trim", TRIMS)
+def test_trimming_the_padding_taps_keeps_outputs_and_gradients(monkeypatch, trim):
+    h, w_, k, stride, padding, dilation, kept = trim
+    geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
+    g = _gen(3)
+    kh, kw = _batched._pair(k)
+    x = torch.randn(2, 4, h, w_, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, kh, kw, generator=g, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(_batched, "TRIM_MAX_KEPT_INVERSE", 1)  # trim whatever can be trimmed
+    tw, tgeo = _batched.trim_padding_taps((h, w_), w, geo)
+    assert tuple(tw.shape[-2:]) == kept
+    want = torch.vmap(lambda q: F.conv2d(x, q, None, *geo))(w)
+    got = torch.vmap(lambda q: F.conv2d(x, q, None, *tgeo))(tw)
+    torch.testing.assert_close(got, want)
+    up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, [x, w], up)
+    for a, e in zip(torch.autograd.grad(got, [x, w], up), want_grads):
+        torch.testing.assert_close(a, e)
+    # and the whole rule (trim + the chosen kernel) against PyTorch's, with each kernel forced
+    for kernel in ("conv", "gemm", "loop"):
+        old, _batched.conv2d_kernel = _batched.conv2d_kernel, lambda *args: kernel
+        try:
+            via = torch.vmap(lambda q: _batched.SampleConv2d.apply(x, q, None, *geo))(w)
+        finally:
+            _batched.conv2d_kernel = old
+        torch.testing.assert_close(via, want)
+        for a, e in zip(torch.autograd.grad(via, [x, w], up), want_grads):
+            torch.testing.assert_close(a, e)
+
+
+def test_trimming_keeps_the_full_kernel_where_most_taps_remain():
+    w = torch.randn(2, 4, 3, 3, 3)
+    geo = ((2, 2), (1, 1), (1, 1))
+    assert _batched.trim_padding_taps((2, 2), w, geo)[0] is w  # 2x2 of 3x3 taps: not worth the copy
+    tw, tgeo = _batched.trim_padding_taps((1, 1), w, ((1, 1), (1, 1), (1, 1)))  # the centre tap alone
+    assert tw.shape[-2:] == (1, 1) and tgeo[1] == (0, 0)
