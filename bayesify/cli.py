@@ -226,12 +226,12 @@ def sniff(path: str) -> str:
     """The kind of MODEL_FILE from its first bytes: 'hf', 'pt2', 'torch', 'pickle', 'safetensors'."""
     import stat
 
+    from .io import stat_input
+
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CLIError(f"{path}: no such file or directory") from None
-    except OSError as exc:
-        raise CLIError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+        st = stat_input(path, f"expected {EXPECTED}")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     if stat.S_ISDIR(st.st_mode):
         if os.path.isfile(os.path.join(path, "config.json")):
             return "hf"

@@ -354,16 +354,22 @@ def _device(map_location: Any, saved: Any) -> torch.device:
         raise ValueError(f"map_location {target!r} is not a device ({_first_line(exc)})") from None
 
 
+def stat_input(path: str, expected: str) -> os.stat_result:
+    """``os.stat(path)``, or a one-line ``ValueError`` for a missing or unreadable input naming
+    ``expected`` (what the caller wanted: a file, or a directory too)."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file or directory ({expected})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+
+
 def _check_readable(path: str, expected: str) -> None:
     """A clear error for a missing, unreadable or non-file input (before safetensors sees it)."""
     if not path:
         raise ValueError(f"no file name given (''); {expected}")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file ({expected})") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    st = stat_input(path, expected)
     if stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{path} is a directory; {expected}")
     if not stat.S_ISREG(st.st_mode):
