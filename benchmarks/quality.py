@@ -349,10 +349,6 @@ class MiniLM(Task):
         if quick:
             self.steps, self.pred_samples = 20, 4
 
-    @property
-    def dataset_size(self) -> int:
-        return len(self.y_train)
-
     def batches(self, seed: int) -> Iterator[tuple[Any, Tensor]]:
         gen = torch.Generator().manual_seed(1000 + seed)
         while True:
