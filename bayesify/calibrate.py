@@ -209,7 +209,7 @@ def calibrate(
         with torch.no_grad():
             data = _load(bnn, val_data)
             evaluate = (_Linear(bnn, data, by_group, samples, gen, route) if lin
-                        else _Sampled(bnn, data, by_group, samples, gen))
+                        else _Sampled(bnn, data, by_group if posterior else {}, samples, gen))
             nll_of = (lambda out, y: _nll_categorical(out, y, grid_t)) if kind == "categorical" else (
                 lambda out, y: _nll_normal(out, y, noise_var))
             n = sum(int(y.shape[0]) for *_, y in data)

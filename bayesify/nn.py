@@ -159,7 +159,8 @@ class VILayer(VIModule):
         if not sites:
             return base
         spec = next(iter(sites.values()))
-        return f"{base}, prior={spec.prior!r}, variational={spec.variational!r}"
+        prior = f"prior={spec.prior!r}, " if spec.variational.weight_prior else ""
+        return f"{base}, {prior}variational={spec.variational!r}"
 
 
 def _safe_sqrt(var: Tensor) -> Tensor:

@@ -409,10 +409,16 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
             n = sum(p.numel() for p in params)
             seen_params.update(id(p) for p in module.parameters())
             site = settings.for_module(name, module, ancestors, params)
+            if site.estimator != "reparam" and not site.variational.elementwise_std:
+                raise ValueError(f"estimator={site.estimator!r} (module {name!r}) needs independent weights with "
+                                 f"elementwise stds; {site.variational!r} has none: use estimator='reparam'")
+            if params and not any(site.variational.covers(p) for p in params):
+                result.skipped.append(SkipEntry(name, tname, _uncovered(site.variational)))
+                continue
             result.converted.append(PlanEntry(name, tname, mapping[type(module)].__name__, n,
-                                              n * (1 + _vparams_per_param(site.variational)),
+                                              _with_vparams(params, site.variational),
                                               None if calls is None else calls.get(name, 0),
-                                              _prior_text(site.prior), site.new))
+                                              _prior_text(site.prior, site.variational), site.new))
             swaps.append((name, module, site))
             swapped_subtrees.append(name)
             continue
@@ -434,14 +440,17 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
         n = sum(module._parameters[k].numel() for k in names)  # type: ignore[union-attr]
         seen_params.update(id(module._parameters[k]) for k in names)
         site = settings.for_module(name, module, ancestors, [module._parameters[k] for k in names])  # type: ignore[misc]
+        if not any(site.variational.covers(module._parameters[k]) for k in names):
+            result.skipped.append(SkipEntry(name, tname, _uncovered(site.variational)))
+            continue
         used = ""
         if calls is not None:
             read = [k for k in names if (f"{name}.{k}" if name else k) in attrs]
             used = f" (read directly: {', '.join(read)})" if read else ""
         result.converted.append(PlanEntry(name, tname, f"general rule: {', '.join(names)}{used}", n,
-                                          n * (1 + _vparams_per_param(site.variational)),
+                                          _with_vparams([module._parameters[k] for k in names], site.variational),
                                           None if calls is None else calls.get(name, 0),
-                                          _prior_text(site.prior), site.new))
+                                          _prior_text(site.prior, site.variational), site.new))
         generic.append((name, module, names, site))
     if selection.include is not None and not matched_any:
         names = [n for n, _, _ in _tree(model) if n][:12]
@@ -455,8 +464,15 @@ def build_plan(model: nn.Module, selection: Selection, mapping: dict, other_para
     return result, swaps, generic
 
 
-def _prior_text(prior: Any) -> str:
-    """``Normal(pretrained, 0.03)``: the prior's class and field values, short."""
+def _uncovered(variational: Any) -> str:
+    return f"{variational.name} covers only tensors of >= 2 dims: stays deterministic"
+
+
+def _prior_text(prior: Any, variational: Any = None) -> str:
+    """``Normal(pretrained, 0.03)``: the prior's class and field values, short (a family with a
+    prior of its own, the rank-1 family's over its factors, says so instead)."""
+    if variational is not None and not variational.weight_prior:
+        return f"factors N(1, {variational.prior_std:g}^2)" if hasattr(variational, "prior_std") else "the family's"
     values = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in prior.__dict__.values())
     return f"{type(prior).__name__}({values})"
 
@@ -529,5 +545,6 @@ def plan(model: nn.Module, include: Any = None, exclude: Any = None, mapping: An
     return p
 
 
-def _vparams_per_param(q: Any) -> int:
-    return len(q.init(torch.zeros(1)))
+def _with_vparams(params: list[Any], q: Any) -> int:
+    """Parameter count after conversion: each tensor plus the variational parameters ``q`` gives it."""
+    return sum(p.numel() + (q.extra_numel(tuple(p.shape)) if q.covers(p) else 0) for p in params)

@@ -71,15 +71,18 @@ def make_bayesian(
     """Turn parameter ``module.<name>`` into a site (its value becomes the posterior mean).
 
     ``shared`` maps ``id(parameter)`` to state already created for a tied parameter,
-    so tied parameters get one posterior, not two.
+    so tied parameters get one posterior, not two. A tensor the family does not cover
+    (``variational.covers``: e.g. a bias under the rank-1 family) stays a plain parameter.
     """
     param = module._parameters.get(name)
     if not isinstance(param, nn.Parameter):
         raise TypeError(f"{type(module).__name__}.{name} is not an nn.Parameter and cannot be made Bayesian")
+    if not variational.covers(param):
+        return
     state = shared.get(id(param)) if shared is not None else None
     if state is None:
         vparams = {k: nn.Parameter(v, requires_grad=param.requires_grad) for k, v in variational.init(param).items()}
-        pbufs = prior.init(param)
+        pbufs = prior.init(param) if variational.weight_prior else {}
         state = (vparams, pbufs)
         if shared is not None:
             shared[id(param)] = state
@@ -129,9 +132,13 @@ def validate_estimator(estimator: str) -> str:
 
 
 def analytic_kl(site: Site) -> Tensor:
-    """Closed-form KL(q || prior) of one site, summed over its elements."""
+    """Closed-form KL(q || prior) of one site, summed over its elements: the family's own
+    shortcut (``kl_to``) where it has one, else ``torch.distributions.kl_divergence``."""
     spec = site.spec
     mean = site.mean
+    kl = spec.variational.kl_to(spec.prior, mean, site.vparams(), site.pbuffers())
+    if kl is not None:
+        return kl
     q = spec.variational.distribution(mean, site.vparams())
     p = spec.prior.distribution(site.pbuffers(), mean)
     try:

@@ -34,7 +34,7 @@ from torch import Tensor, distributions as D
 from ._choices import lookup, parse_shortcut, with_defaults
 from ._normal import blocks, meanfield_draw, run_parallel, scratch, softplus_scratch, standard_normal
 
-__all__ = ["VariationalFamily", "MeanFieldNormal", "PointMass", "get_variational", "VARIATIONAL"]
+__all__ = ["VariationalFamily", "MeanFieldNormal", "PointMass", "Rank1Normal", "get_variational", "VARIATIONAL"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -74,6 +74,20 @@ class VariationalFamily:
     #: True when ``sample_with_prior`` accepts ``seed=`` / ``offset=`` (samples ``offset ..
     #: offset + n`` of one seed's noise), so a chunked call can draw its weights chunk by chunk.
     chunked_draws: bool = False
+    #: False where the site's weight prior does not apply (the family carries a prior of its own,
+    #: as the rank-1 family does on its factors): then no prior buffers are made for the site.
+    weight_prior: bool = True
+    #: True where ``std`` gives independent elementwise stds (what the local / Flipout estimators need).
+    elementwise_std: bool = True
+
+    def covers(self, point: Tensor) -> bool:
+        """Whether this family gives ``point`` a posterior; a tensor it does not cover stays a
+        deterministic parameter (no site), e.g. a bias under the rank-1 family."""
+        return True
+
+    def extra_numel(self, shape: tuple[int, ...]) -> int:
+        """How many variational parameters ``init`` makes for a tensor of ``shape``."""
+        return math.prod(shape) * len(self.init(torch.zeros(1)))
 
     def init(self, point: Tensor) -> dict[str, Tensor]:
         return {}
@@ -274,6 +288,114 @@ class PointMass(VariationalFamily):
         return torch.zeros_like(mean)
 
 
+class Rank1Normal(VariationalFamily):
+    """Rank-1 multiplicative Gaussian posterior (Dusenberry et al. 2020, "Efficient and Scalable
+    Bayesian Neural Nets with Rank-1 Factors"): ``w_s = W * (r_s s_s^T)``.
+
+    ``W`` (the parameter itself) is a point estimate; ``r`` has one factor per output unit (the
+    tensor's dim 0: a linear layer's out features, a convolution's output channels, an
+    embedding's rows) and ``s`` one per input unit (dim 1: in features, input channels per
+    group; a transposed convolution's dims are (in, out): the same family with the roles
+    swapped), shared over the kernel. Each sample draws ``r_s ~ N(r_mean, softplus(r_rho)^2)``
+    and ``s_s ~ N(s_mean, softplus(s_rho)^2)``: the noise scales whole units, as dropout does
+    (Gaussian dropout of rate ``p`` is multiplicative unit noise ``N(1, p / (1 - p))``).
+
+    - The factors start at mean 1 and std ``init_std``: a zero ``init_std`` limit is the point
+      model exactly.
+    - Their prior is ``N(1, prior_std^2)``, this family's own: the site's weight prior is not
+      used (the weight's distribution is degenerate; for a MAP ``W`` add weight decay in the
+      optimiser). ``log_probs`` and the analytic KL are over the factors only.
+    - Tensors of fewer than 2 dims (biases, LayerNorm scales) are not covered: they stay
+      deterministic point parameters, as in the paper.
+    - ``init_std`` of a factor is the relative std of every weight of its unit; two factors
+      multiply, so a weight's relative std is about ``sqrt(2) * init_std``.
+
+    Example::
+
+        >>> bnn = bf.bayesify(model, variational="rank1:init_std=0.1")
+    """
+
+    name = "rank1"
+    chunked_draws = True
+    weight_prior = False
+    elementwise_std = False
+
+    def __init__(self, init_std: float = 0.1, prior_std: float = 0.1) -> None:
+        for key, val in (("init_std", init_std), ("prior_std", prior_std)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise TypeError(f"{key} must be a positive number, got {val!r}")
+            if not (val > 0 and math.isfinite(val)):
+                raise ValueError(f"{key} must be a positive finite number, got {val!r}")
+        self.init_std = float(init_std)
+        self.prior_std = float(prior_std)
+
+    def covers(self, point: Tensor) -> bool:
+        return point.dim() >= 2
+
+    def extra_numel(self, shape: tuple[int, ...]) -> int:
+        return 2 * (shape[0] + shape[1]) if len(shape) >= 2 else 0
+
+    def init(self, point: Tensor) -> dict[str, Tensor]:
+        if point.dim() < 2:
+            raise ValueError(f"the rank-1 family needs a tensor of at least 2 dims, got shape {tuple(point.shape)}")
+        a, b = point.shape[:2]
+        rho0 = float(inverse_softplus(torch.tensor(self.init_std, dtype=torch.float64)))
+        kw = {"dtype": point.dtype, "device": point.device}
+        return {"r_mean": torch.ones(a, **kw), "r_rho": torch.full((a,), rho0, **kw),
+                "s_mean": torch.ones(b, **kw), "s_rho": torch.full((b,), rho0, **kw)}
+
+    def factor_params(self, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The factors' means and stds, ``r`` and ``s`` concatenated: ``(a + b,)`` each."""
+        mean = torch.cat([params["r_mean"], params["s_mean"]])
+        std = F.softplus(torch.cat([params["r_rho"], params["s_rho"]]))
+        return mean, std
+
+    def sample_factors(self, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None,
+                       *, seed: int | None = None, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` factor draws ``(n, a + b)`` (``r`` then ``s``), the standard noise behind them and
+        the factors' stds."""
+        mean, std = self.factor_params(params)
+        eps = standard_normal((n, mean.numel()), mean.dtype, mean.device, generator, seed, offset)
+        return torch.addcmul(mean, std, eps), eps, std
+
+    def sample(
+        self, mean: Tensor, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None,
+        *, seed: int | None = None, offset: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        w, _, log_q = self.sample_with_prior(mean, params, None, {}, n, generator, True, seed=seed, offset=offset)
+        return w, log_q  # type: ignore[return-value]
+
+    def sample_with_prior(self, mean: Tensor, params: dict[str, Tensor], prior: Any, prior_buffers: dict[str, Tensor],
+                          n: int, generator: torch.Generator | None, with_logp: bool, **noise: int
+                          ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Weight samples and the log densities of their *factors* under ``N(1, prior_std^2)`` and
+        under q (``prior`` is the site's weight prior, not used)."""
+        from ._rank1 import rank1_product
+
+        f, eps, std = self.sample_factors(params, n, generator, **noise)
+        a = params["r_mean"].numel()
+        w = rank1_product(mean, f[:, :a], f[:, a:])
+        if not with_logp:
+            return w, None, None
+        k = f.shape[1]
+        log_q = -0.5 * eps.square().sum(1) - (std.log().sum() + k * _HALF_LOG_2PI)
+        log_p = (-0.5 / self.prior_std ** 2) * (f - 1).square().sum(1) - k * (math.log(self.prior_std)
+                                                                             + _HALF_LOG_2PI)
+        return w, log_p, log_q
+
+    def log_prob(self, value: Tensor, mean: Tensor, params: dict[str, Tensor]) -> Tensor:
+        raise ValueError("a rank-1 posterior has no density over the weights (it lives on the factors); "
+                         "its log densities come with the samples (sample / sample_with_prior)")
+
+    def kl_to(self, prior: Any, mean: Tensor, params: dict[str, Tensor], prior_buffers: dict[str, Tensor]
+              ) -> Tensor:
+        """Closed-form KL of the factors, ``N(mu, sigma^2)`` to ``N(1, prior_std^2)``, summed."""
+        mu, std = self.factor_params(params)
+        p = self.prior_std
+        return (std.square().sum() + (mu - 1).square().sum()) / (2 * p * p) - std.log().sum() \
+            + mu.numel() * (math.log(p) - 0.5)
+
+
 VARIATIONAL: dict[str, type[VariationalFamily]] = {
     "meanfield": MeanFieldNormal,
     "mean_field": MeanFieldNormal,
@@ -281,6 +403,9 @@ VARIATIONAL: dict[str, type[VariationalFamily]] = {
     "pointmass": PointMass,
     "point_mass": PointMass,
     "map": PointMass,
+    "rank1": Rank1Normal,
+    "rank_1": Rank1Normal,
+    "rank1normal": Rank1Normal,
 }
 
 

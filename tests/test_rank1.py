@@ -1,0 +1,248 @@
+"""The rank-1 multiplicative posterior (``variational="rank1"``, Dusenberry et al. 2020).
+
+Pinned: a zero-spread conversion is the point model (real models); each sample is the weight
+times an outer product of per-unit factors; log_probs and the analytic KL equal hand
+computations over the factors, and ELBOLoss kl="mc" / "analytic" agree in expectation;
+the product's gradients; chunked / recomputed draws; save / load and the CLI round trip; the
+one-line errors of the routes that need a mean-field posterior.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import distributions as D, nn
+
+import bayesify as bf
+from bayesify._rank1 import rank1_product
+from bayesify.variational import Rank1Normal, get_variational
+
+from .models import CASES, Case, first
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digits_cnn() -> nn.Module:
+    """benchmarks/quality.py's digits network."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.25),
+        nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Dropout(0.25),
+        nn.Linear(64, 5),
+    )
+
+
+def tiny_bert() -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _tokens() -> tuple[tuple, dict]:
+    ids = torch.randint(1, 100, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    return (), {"input_ids": ids, "attention_mask": mask}
+
+
+_BY_NAME = {c.name: c for c in CASES}
+IDENTITY_CASES = [
+    _BY_NAME["resnet18"],
+    _BY_NAME["gpt2"],  # Conv1D by the general rule, tied embedding / lm_head
+    _BY_NAME["inplace_residual"],  # ConvTranspose2d (dims (in, out))
+    _BY_NAME["shared_and_raw"],  # module under two names, raw 1-D parameters, Embedding
+    Case("digits_cnn", digits_cnn, lambda: ((torch.rand(4, 1, 8, 8),), {})),
+    Case("tiny_bert", tiny_bert, _tokens),
+]
+
+
+@pytest.mark.parametrize("case", IDENTITY_CASES, ids=lambda c: c.name)
+def test_zero_spread_is_the_point_model(case: Case) -> None:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    args, kwargs = case.inputs()
+    with torch.no_grad():
+        ref = first(model(*args, **kwargs))
+    # softplus(rho) = 1e-30: every factor is exactly 1.0 in float32, so every sample is W
+    bnn = bf.bayesify(model, variational=Rank1Normal(init_std=1e-30)).eval()
+    with torch.no_grad():
+        out = first(bnn(*args, samples=3, **kwargs))
+    scale = ref.abs().max().clamp_min(1e-12)
+    for s in range(3):
+        assert ((out[s] - ref).abs().max() / scale).item() < 1e-6
+    sites = bnn.bayesian_sites()
+    assert sites and all(s.mean.dim() >= 2 for s in sites)  # biases / norm scales stay point parameters
+    for s in sites:  # factors start at mean 1, one per unit of dims 0 and 1; no prior buffers
+        vp = s.vparams()
+        assert torch.equal(vp["r_mean"], torch.ones(s.mean.shape[0]))
+        assert torch.equal(vp["s_mean"], torch.ones(s.mean.shape[1]))
+        assert s.pbuffers() == {}
+
+
+def test_plan_counts_the_factors() -> None:
+    model = digits_cnn()
+    plan = bf.plan(model, variational="rank1")
+    bnn = bf.bayesify(model, variational="rank1")
+    assert sum(e.params_after for e in plan.converted) == sum(p.numel() for p in bnn.parameters())
+    # per weight (out, in, ...): 2 * (out + in) factor parameters, biases none
+    assert plan.converted[0].params_after == 16 * 9 + 16 + 2 * (16 + 1)
+
+
+def test_samples_are_the_weight_times_an_outer_product_of_factors() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    bnn = bf.bayesify(nn.Sequential(conv), variational="rank1:init_std=0.3")
+    w = bnn._draw(5, torch.Generator().manual_seed(1), False)[0]["model.0.weight"]
+    ratio = w / conv.weight  # (5, out, in, kh, kw): the same for every kernel tap
+    assert torch.allclose(ratio, ratio[..., :1, :1].expand_as(ratio), rtol=1e-5)
+    m = ratio[..., 0, 0]
+    sv = torch.linalg.svdvals(m.detach().double())
+    assert (sv[:, 1] < 1e-5 * sv[:, 0]).all()  # rank 1 per sample
+    assert (m.std(0) > 0.05).all()  # and random
+
+
+def test_log_probs_and_kl_equal_a_hand_computation() -> None:
+    torch.manual_seed(0)
+    q = Rank1Normal(init_std=0.2, prior_std=0.3)
+    weight = torch.randn(4, 3, 2)
+    params = q.init(weight)
+    with torch.no_grad():
+        for v in params.values():
+            v.add_(0.1 * torch.randn_like(v))
+    w, log_p, log_q = q.sample_with_prior(weight, params, None, {}, 6, torch.Generator().manual_seed(5), True)
+    f, _, _ = q.sample_factors(params, 6, torch.Generator().manual_seed(5))
+    r, s = f[:, :4], f[:, 4:]
+    torch.testing.assert_close(w, weight * r[:, :, None, None] * s[:, None, :, None])
+    qd = D.Normal(torch.cat([params["r_mean"], params["s_mean"]]),
+                  nn.functional.softplus(torch.cat([params["r_rho"], params["s_rho"]])))
+    pd = D.Normal(torch.ones(7), torch.full((7,), 0.3))
+    torch.testing.assert_close(log_q, qd.log_prob(f).sum(1))
+    torch.testing.assert_close(log_p, pd.log_prob(f).sum(1))
+    torch.testing.assert_close(q.kl_to(None, weight, params, {}), D.kl_divergence(qd, pd).sum())
+    with pytest.raises(ValueError, match="no density over the weights"):
+        q.log_prob(w, weight, params)
+
+
+def test_mc_and_analytic_kl_agree_in_expectation() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    bnn = bf.bayesify(net, variational="rank1:init_std=0.2,prior_std=0.1").train()
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    mc = bf.ELBOLoss("categorical", dataset_size=1, kl="mc")
+    an = bf.ELBOLoss("categorical", dataset_size=1, kl="analytic")
+    gen = torch.Generator().manual_seed(0)
+    kls = []
+    for _ in range(50):
+        mc(bnn(x, samples=20, generator=gen), y)
+        kls.append(mc.last.kl)
+    an(bnn(x, samples=2), y)
+    sites = bnn.bayesian_sites()
+    hand = 0.0
+    for s in sites:  # KL(N(1 + 0, 0.2^2) || N(1, 0.1^2)) per factor
+        k = s.mean.shape[0] + s.mean.shape[1]
+        hand += k * (math.log(0.1 / 0.2) + 0.2 ** 2 / (2 * 0.1 ** 2) - 0.5)
+    assert an.last.kl == pytest.approx(hand, rel=1e-5)
+    kls_t = torch.tensor(kls)
+    assert abs(kls_t.mean().item() - hand) < 4 * kls_t.std().item() / math.sqrt(len(kls)) + 1e-3 * hand
+    # the analytic KL's gradient reaches the factors' means and spreads, not the weights
+    loss = an(bnn(x, samples=2), y)
+    loss.backward()
+    for s in sites:
+        assert s.vparams()["r_rho"].grad is not None and s.vparams()["s_mean"].grad is not None
+
+
+def test_product_gradients_match_autograd() -> None:
+    torch.manual_seed(0)
+    for shape in ((5, 3), (4, 2, 3, 3)):
+        weight = torch.randn(shape, dtype=torch.double, requires_grad=True)
+        r = torch.randn(6, shape[0], dtype=torch.double, requires_grad=True)
+        s = torch.randn(6, shape[1], dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(rank1_product, (weight, r, s))
+
+
+def test_chunked_and_recomputed_draws_are_the_same_samples() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    bnn = bf.bayesify(net, variational="rank1:init_std=0.2").train()
+    x = torch.randn(2, 1, 6, 6)
+    grads = []
+    outs = []
+    for kw in ({}, {"chunk_size": 2}, {"recompute_samples": True}):
+        bnn.zero_grad()
+        out = bnn(x, samples=5, generator=torch.Generator().manual_seed(3), **kw)
+        loss = bf.ELBOLoss("categorical", dataset_size=10)(out, torch.tensor([0, 2]))
+        loss.backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in bnn.named_parameters() if p.grad is not None})
+    for o, g in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(o, outs[0])
+        assert g.keys() == grads[0].keys()
+        for n in g:
+            torch.testing.assert_close(g[n], grads[0][n], rtol=1e-4, atol=1e-6)
+
+
+def test_save_load_round_trip_and_predict(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    bnn = bf.bayesify(digits_cnn().eval(), variational="rank1:init_std=0.3", arch=None)
+    with torch.no_grad():
+        for s in bnn.bayesian_sites():
+            s.vparams()["r_mean"].add_(0.05 * torch.randn_like(s.vparams()["r_mean"]))
+    bnn.eval()
+    x = torch.rand(6, 1, 8, 8)
+    bf.save(bnn, tmp_path / "m.bnn")
+    back = bf.load(tmp_path / "m.bnn").eval()
+    assert back.conversion["variational"] == {"name": "rank1", "init_std": 0.3, "prior_std": 0.1}
+    a = bnn(x, samples=4, generator=torch.Generator().manual_seed(0))
+    b = back(x, samples=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    pred = bf.predict(back, x, samples=20, likelihood="categorical")
+    assert pred.probs.shape == (6, 5) and (pred.mutual_information > 0).all()
+
+
+def test_cli_convert_with_rank1(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    env_path = str(ROOT)
+    code = ("import sys; from bayesify.cli import main; sys.exit(main(['convert', 'net.pt', '--arch', "
+            "'tests.test_rank1:tiny_mlp', '--variational', 'rank1:init_std=0.05', '-o', 'net.bnn']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": env_path}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    bnn = bf.load(tmp_path / "net.bnn")
+    assert bnn.conversion["variational"]["name"] == "rank1"
+    assert [s.qualname for s in bnn.bayesian_sites()] == ["model.0.weight", "model.2.weight"]
+
+
+def tiny_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_routes_that_need_a_meanfield_posterior_say_so() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    bnn = bf.bayesify(net, variational="rank1")
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(TypeError, match="IVON trains mean-field Normal posteriors.*rank1|Rank1Normal"):
+        bf.optim.IVON(bnn.parameters(), model=bnn, ess=10)
+    with pytest.raises(ValueError, match="laplace sets the spreads of a MeanFieldNormal"):
+        bf.laplace(bnn, [(x, y)], likelihood="categorical")
+    with pytest.raises(ValueError, match="calibrate rescales MeanFieldNormal spreads"):
+        bf.calibrate(bnn, (x, y), "categorical")
+    with pytest.raises(ValueError, match="estimator='local'.*use estimator='reparam'"):
+        bf.bayesify(net, variational="rank1", estimator="local")
+    with pytest.raises(ValueError, match="init_std must be a positive finite number"):
+        get_variational("rank1:init_std=0")
+    with pytest.raises(ValueError, match="nothing to convert"):  # only 1-D parameters: nothing covered
+        bf.bayesify(nn.LayerNorm(4), variational="rank1")
+    # the softmax-only calibration needs no spreads and works
+    bf.calibrate(bnn, (x, y), "categorical", posterior=False)
