@@ -10,7 +10,12 @@ Extension contract (a new family subclasses :class:`VariationalFamily`):
 - ``distribution(mean, params)`` (optional) returns a ``torch.distributions``
   object, from which ``kl_divergence`` gives a closed-form KL;
 - ``sample_with_prior`` / ``kl_to`` (optional) are what the sampler calls: a family
-  may specialise them for a prior it knows (``MeanFieldNormal`` does for ``Normal``).
+  may specialise them for a prior it knows (``MeanFieldNormal`` does for ``Normal``);
+- ``covers(point)`` (optional, default True): a tensor the family does not cover stays a
+  plain deterministic parameter (``Rank1Normal``: tensors of fewer than 2 dims);
+  ``weight_prior = False``: the family carries its own prior (over its factors), so the
+  site's weight prior makes no buffers and is not evaluated; ``elementwise_std = False``:
+  no independent per-weight std (the local / Flipout estimators refuse the family).
 
 Example::
 
@@ -320,7 +325,7 @@ class Rank1Normal(VariationalFamily):
     weight_prior = False
     elementwise_std = False
 
-    def __init__(self, init_std: float = 0.1, prior_std: float = 0.1) -> None:
+    def __init__(self, init_std: float = 0.2, prior_std: float = 0.5) -> None:
         for key, val in (("init_std", init_std), ("prior_std", prior_std)):
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise TypeError(f"{key} must be a positive number, got {val!r}")
