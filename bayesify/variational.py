@@ -314,6 +314,10 @@ class Rank1Normal(VariationalFamily):
       deterministic point parameters, as in the paper.
     - ``init_std`` of a factor is the relative std of every weight of its unit; two factors
       multiply, so a weight's relative std is about ``sqrt(2) * init_std``.
+    - ``components=K > 1``: K factor pairs per weight (the paper's mixture), sample ``i`` of a
+      call drawn from component ``i mod K``; ``log q`` is that component's density, so the ELBO
+      is the average of the components' ELBOs (the analytic KL the mean of their KLs). The
+      components' means start at ``1 + init_std * z`` (fixed-seed ``z``) so that they can part.
 
     Example::
 
@@ -325,43 +329,59 @@ class Rank1Normal(VariationalFamily):
     weight_prior = False
     elementwise_std = False
 
-    def __init__(self, init_std: float = 0.2, prior_std: float = 0.5) -> None:
+    def __init__(self, init_std: float = 0.2, prior_std: float = 0.5, components: int = 1) -> None:
         for key, val in (("init_std", init_std), ("prior_std", prior_std)):
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise TypeError(f"{key} must be a positive number, got {val!r}")
             if not (val > 0 and math.isfinite(val)):
                 raise ValueError(f"{key} must be a positive finite number, got {val!r}")
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ValueError(f"components must be a positive int, got {components!r}")
         self.init_std = float(init_std)
         self.prior_std = float(prior_std)
+        self.components = components
 
     def covers(self, point: Tensor) -> bool:
         return point.dim() >= 2
 
     def extra_numel(self, shape: tuple[int, ...]) -> int:
-        return 2 * (shape[0] + shape[1]) if len(shape) >= 2 else 0
+        return 2 * self.components * (shape[0] + shape[1]) if len(shape) >= 2 else 0
 
     def init(self, point: Tensor) -> dict[str, Tensor]:
         if point.dim() < 2:
             raise ValueError(f"the rank-1 family needs a tensor of at least 2 dims, got shape {tuple(point.shape)}")
         a, b = point.shape[:2]
+        k = self.components
         rho0 = float(inverse_softplus(torch.tensor(self.init_std, dtype=torch.float64)))
         kw = {"dtype": point.dtype, "device": point.device}
-        return {"r_mean": torch.ones(a, **kw), "r_rho": torch.full((a,), rho0, **kw),
-                "s_mean": torch.ones(b, **kw), "s_rho": torch.full((b,), rho0, **kw)}
+        shape_r, shape_s = ((a,), (b,)) if k == 1 else ((k, a), (k, b))
+        r_mean, s_mean = torch.ones(shape_r, **kw), torch.ones(shape_s, **kw)
+        if k > 1:
+            # Components start apart (else they see the same data and stay one mode): means
+            # 1 + init_std * z, z from a fixed seed (a conversion stays deterministic and leaves
+            # the global RNG alone; init_std -> 0 is still the point model).
+            gen = torch.Generator().manual_seed(a * 7919 + b)
+            r_mean += self.init_std * torch.randn(shape_r, generator=gen).to(**kw)
+            s_mean += self.init_std * torch.randn(shape_s, generator=gen).to(**kw)
+        return {"r_mean": r_mean, "r_rho": torch.full(shape_r, rho0, **kw),
+                "s_mean": s_mean, "s_rho": torch.full(shape_s, rho0, **kw)}
 
     def factor_params(self, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The factors' means and stds, ``r`` and ``s`` concatenated: ``(a + b,)`` each."""
-        mean = torch.cat([params["r_mean"], params["s_mean"]])
-        std = F.softplus(torch.cat([params["r_rho"], params["s_rho"]]))
+        """The factors' means and stds, ``r`` and ``s`` concatenated: ``(components, a + b)`` each."""
+        mean = torch.cat([params["r_mean"], params["s_mean"]], -1).reshape(self.components, -1)
+        std = F.softplus(torch.cat([params["r_rho"], params["s_rho"]], -1)).reshape(self.components, -1)
         return mean, std
 
     def sample_factors(self, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None,
                        *, seed: int | None = None, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """``n`` factor draws ``(n, a + b)`` (``r`` then ``s``), the standard noise behind them and
-        the factors' stds."""
+        """``n`` factor draws ``(n, a + b)`` (``r`` then ``s``; sample ``i`` of a call from component
+        ``i mod components``), the standard noise behind them and each draw's stds ``(n, a + b)``."""
         mean, std = self.factor_params(params)
-        eps = standard_normal((n, mean.numel()), mean.dtype, mean.device, generator, seed, offset)
-        return torch.addcmul(mean, std, eps), eps, std
+        eps = standard_normal((n, mean.shape[1]), mean.dtype, mean.device, generator, seed, offset)
+        if self.components > 1:
+            comp = torch.arange(offset, offset + n, device=mean.device) % self.components
+            mean, std = mean.index_select(0, comp), std.index_select(0, comp)
+        return torch.addcmul(mean, std, eps), eps, std.expand(n, -1)
 
     def sample(
         self, mean: Tensor, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None,
@@ -378,12 +398,12 @@ class Rank1Normal(VariationalFamily):
         from ._rank1 import rank1_product
 
         f, eps, std = self.sample_factors(params, n, generator, **noise)
-        a = params["r_mean"].numel()
+        a = params["r_mean"].shape[-1]
         w = rank1_product(mean, f[:, :a], f[:, a:])
         if not with_logp:
             return w, None, None
         k = f.shape[1]
-        log_q = -0.5 * eps.square().sum(1) - (std.log().sum() + k * _HALF_LOG_2PI)
+        log_q = -0.5 * eps.square().sum(1) - (std.log().sum(1) + k * _HALF_LOG_2PI)
         log_p = (-0.5 / self.prior_std ** 2) * (f - 1).square().sum(1) - k * (math.log(self.prior_std)
                                                                              + _HALF_LOG_2PI)
         return w, log_p, log_q
@@ -394,11 +414,13 @@ class Rank1Normal(VariationalFamily):
 
     def kl_to(self, prior: Any, mean: Tensor, params: dict[str, Tensor], prior_buffers: dict[str, Tensor]
               ) -> Tensor:
-        """Closed-form KL of the factors, ``N(mu, sigma^2)`` to ``N(1, prior_std^2)``, summed."""
+        """Closed-form KL of the factors, ``N(mu, sigma^2)`` to ``N(1, prior_std^2)``, summed (with
+        several components: their mean, the KL of the average of the components' ELBOs)."""
         mu, std = self.factor_params(params)
         p = self.prior_std
-        return (std.square().sum() + (mu - 1).square().sum()) / (2 * p * p) - std.log().sum() \
+        kl = (std.square().sum() + (mu - 1).square().sum()) / (2 * p * p) - std.log().sum() \
             + mu.numel() * (math.log(p) - 0.5)
+        return kl / self.components
 
 
 VARIATIONAL: dict[str, type[VariationalFamily]] = {

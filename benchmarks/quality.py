@@ -16,7 +16,9 @@ so MC dropout needs no other net) and is evaluated on the same sets:
 - **rank-1 ELBO + Adam**: ``bf.bayesify(net, variational=bf.variational.Rank1Normal())`` (per-unit
   multiplicative factors, Dusenberry et al. 2020; defaults init std 0.2, factor prior
   ``N(1, 0.5^2)``) through the ELBO + Adam loop (weights lr 1e-3, factors lr 1e-2, 4 samples per
-  step); **rank-1 (init a / prior b)**: the same with other factor init std / prior std.
+  step); **rank-1 (init a / prior b)**: the same with other factor init std / prior std;
+  **rank-1 x4 components**: the defaults with 4 factor components (sample ``i`` from component
+  ``i mod 4``, the paper's mixture).
 - **ELBO + Adam linearised**, **IVON linearised**, **IVON (prior 0.3) linearised**: the same
   fits, predicting with the linearised predictive (``bf.predict(..., linearized=True)``:
   ``f(x, mean) + J(x) (w_s - mean)``) instead of running the network on each weight sample.
@@ -562,6 +564,7 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("rank-1 ELBO + Adam", _rank1_row()),
     ("rank-1 (init 0.5 / prior 0.5)", _rank1_row(init_std=0.5, prior_std=0.5)),
     ("rank-1 (init 0.2 / prior 1)", _rank1_row(init_std=0.2, prior_std=1.0)),
+    ("rank-1 x4 components", _rank1_row(components=4)),
     ("ELBO + Adam + calibrate", _calibrated(_train_elbo_adam, "ELBO + Adam")),
     ("IVON + calibrate", _calibrated(_train_ivon, "IVON")),
     ("ELBO + Adam linearised", _linearised(_train_elbo_adam)),

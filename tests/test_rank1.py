@@ -200,7 +200,7 @@ def test_save_load_round_trip_and_predict(tmp_path: Path) -> None:
     x = torch.rand(6, 1, 8, 8)
     bf.save(bnn, tmp_path / "m.bnn")
     back = bf.load(tmp_path / "m.bnn").eval()
-    assert back.conversion["variational"] == {"name": "rank1", "init_std": 0.3, "prior_std": 0.5}
+    assert back.conversion["variational"] == {"name": "rank1", "init_std": 0.3, "prior_std": 0.5, "components": 1}
     a = bnn(x, samples=4, generator=torch.Generator().manual_seed(0))
     b = back(x, samples=4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
@@ -246,3 +246,53 @@ def test_routes_that_need_a_meanfield_posterior_say_so() -> None:
         bf.bayesify(nn.LayerNorm(4), variational="rank1")
     # the softmax-only calibration needs no spreads and works
     bf.calibrate(bnn, (x, y), "categorical", posterior=False)
+
+
+def test_components_sample_in_turn_with_their_own_densities() -> None:
+    torch.manual_seed(0)
+    q = Rank1Normal(init_std=0.2, prior_std=0.4, components=3)
+    weight = torch.randn(4, 3)
+    params = q.init(weight)
+    assert params["r_mean"].shape == (3, 4) and params["s_rho"].shape == (3, 3)
+    assert not torch.equal(params["r_mean"][0], params["r_mean"][1])  # components start apart
+    w, log_p, log_q = q.sample_with_prior(weight, params, None, {}, 7, None, True, seed=11, offset=2)
+    f, _, _ = q.sample_factors(params, 7, seed=11, offset=2)
+    ps = D.Normal(torch.ones(7), torch.full((7,), 0.4))
+    for i in range(7):
+        c = (2 + i) % 3  # sample i of the chunk at offset 2
+        qc = D.Normal(torch.cat([params["r_mean"][c], params["s_mean"][c]]),
+                      nn.functional.softplus(torch.cat([params["r_rho"][c], params["s_rho"][c]])))
+        torch.testing.assert_close(log_q[i], qc.log_prob(f[i]).sum())
+        torch.testing.assert_close(log_p[i], ps.log_prob(f[i]).sum())
+        torch.testing.assert_close(w[i], weight * torch.outer(f[i, :4], f[i, 4:]))
+    kls = [D.kl_divergence(D.Normal(torch.cat([params["r_mean"][c], params["s_mean"][c]]),
+                                    nn.functional.softplus(torch.cat([params["r_rho"][c], params["s_rho"][c]]))),
+                           ps).sum() for c in range(3)]
+    torch.testing.assert_close(q.kl_to(None, weight, params, {}), torch.stack(kls).mean())
+    # a chunked draw is the same samples as the whole call
+    whole = q.sample_with_prior(weight, params, None, {}, 9, None, False, seed=5)[0]
+    parts = torch.cat([q.sample_with_prior(weight, params, None, {}, k, None, False, seed=5, offset=o)[0]
+                       for o, k in ((0, 4), (4, 5))])
+    torch.testing.assert_close(parts, whole)
+
+
+def test_components_zero_spread_is_the_point_model_and_train() -> None:
+    torch.manual_seed(0)
+    model = digits_cnn().eval()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        out = bf.bayesify(model, variational=Rank1Normal(init_std=1e-30, components=4)).eval()(x, samples=4)
+    torch.testing.assert_close(out, ref.expand_as(out), rtol=0, atol=1e-6 * float(ref.abs().max()))
+    bnn = bf.bayesify(model, variational="rank1:components=2").train()
+    mc = bf.ELBOLoss("categorical", dataset_size=50)
+    an = bf.ELBOLoss("categorical", dataset_size=50, kl="analytic")
+    gen = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 1, 2, 3])
+    kls = []
+    for _ in range(40):
+        mc(bnn(x, samples=8, generator=gen), y)
+        kls.append(mc.last.kl)
+    an(bnn(x, samples=2), y)
+    kls_t = torch.tensor(kls)
+    assert abs(kls_t.mean().item() - an.last.kl) < 4 * kls_t.std().item() / math.sqrt(len(kls)) + 1e-3 * an.last.kl
