@@ -244,8 +244,10 @@ def test_routes_that_need_a_meanfield_posterior_say_so() -> None:
         get_variational("rank1:init_std=0")
     with pytest.raises(ValueError, match="nothing to convert"):  # only 1-D parameters: nothing covered
         bf.bayesify(nn.LayerNorm(4), variational="rank1")
-    # the softmax-only calibration needs no spreads and works
+    # the softmax-only calibration needs no spreads and works; so does the linearised predictive
     bf.calibrate(bnn, (x, y), "categorical", posterior=False)
+    pred = bf.predict(bnn, x, samples=6, likelihood="categorical", linearized=True)
+    assert pred.probs.shape == (10, 3) and (pred.mutual_information > 0).all()
 
 
 def test_components_sample_in_turn_with_their_own_densities() -> None:
