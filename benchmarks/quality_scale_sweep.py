@@ -16,6 +16,7 @@ Run::
 
     python benchmarks/quality_scale_sweep.py --seeds 3 --threads 1
     python benchmarks/quality_scale_sweep.py --posteriors ivon --scales 0,1,4 --seeds 1 --quick
+    python benchmarks/quality_scale_sweep.py --posteriors laplace --scales 0.063,0.1,0.16,0.25 --softmax --seeds 3 --threads 1
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ POSTERIORS = {"ivon": ("IVON", _fit_ivon, IVON_SCALES), "laplace": ("Laplace dia
 
 
 def sweep(task: q.Task, seeds: list[int], posteriors: list[str], scales: dict[str, tuple[float, ...]],
-          log=print) -> dict[str, list[dict[str, float]]]:
+          softmax: bool = False, log=print) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {}
     for seed in seeds:
         net = task.pretrain(seed)
@@ -69,11 +70,18 @@ def sweep(task: q.Task, seeds: list[int], posteriors: list[str], scales: dict[st
             rho0 = {s.qualname: getattr(s.module, f"{s.name}_rho").detach().clone() for s in sites}
             for c in scales[key]:
                 _scale_spreads(sites, c)
+                tag = ""
+                if softmax:  # at this fixed scale, a softmax temperature from the validation split
+                    cal = bf.calibrate(bnn, q._heldout(task), task.likelihood, linearized=linearized, posterior=False,
+                                       softmax=True, generator=torch.Generator().manual_seed(seed))
+                    tag = ", T from val"
+                    log(f"[{task.name}] seed {seed} {label}, c = {c:g}: softmax temperature {cal.softmax_temperature:.3g}")
                 t = time.perf_counter()
                 row = task.evaluate(q._predict_bnn(task, bnn, seed, linearized=linearized))
                 row["predict_s"] = time.perf_counter() - t
                 _restore(sites, rho0)
-                name = f"{label}, c = {c:g}"
+                bnn.predictive = {"linearized": linearized} if linearized else {}
+                name = f"{label}, c = {c:g}{tag}"
                 results.setdefault(name, []).append(row)
                 log(f"[{task.name}] seed {seed} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
     return results
@@ -88,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     ap.add_argument("--posteriors", default="ivon,laplace", help="comma-separated subset of ivon, laplace")
     ap.add_argument("--scales", default=None, help="comma-separated c grid for every posterior "
                     "(default: IVON 0,.5,1,2,3,5,8,12; Laplace 0, every other value of bf.calibrate's grid up to 1, 2.5)")
+    ap.add_argument("--softmax", action="store_true", help="at each scale, also choose a softmax temperature "
+                    "on the validation split (bf.calibrate(posterior=False, softmax=True))")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     ap.add_argument("--quick", action="store_true", help="quality.py's smoke-run budget")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     scales = {k: (_floats(args.scales) if args.scales else grid) for k, (_, _, grid) in POSTERIORS.items()}
     task = q.Digits(quick=args.quick)
     t = time.perf_counter()
-    res = sweep(task, list(range(args.seeds)), posteriors, scales)
+    res = sweep(task, list(range(args.seeds)), posteriors, scales, softmax=args.softmax)
     for rows in res.values():
         for r in rows:
             r["fit_s"] = float("nan")  # quality.table's column; the fit is shared by a posterior's rows
