@@ -49,3 +49,24 @@ def sampled_call_lock(model: Any) -> threading.RLock:
         if lock is None:
             lock = _LOCKS[model] = threading.RLock()
         return lock
+
+
+def forward_stream() -> int:
+    """Which stream of in-forward randomness (dropout masks, per-input noise) a sampled call with
+    an explicit generator draws on this thread: 0 (the default) or the index set by
+    :func:`in_forward_stream`."""
+    return getattr(_STATE, "stream", 0)
+
+
+@contextmanager
+def in_forward_stream(index: int) -> Iterator[None]:
+    """Sampled calls in the block derive their in-forward seed from the generator *and* ``index``:
+    ``bf.predict(..., dropout=True)`` rewinds the generator before each batch (the same weight
+    samples for every batch) but gives batch ``b`` stream ``b``, so the batches' dropout masks are
+    independent rather than repeated."""
+    prev = forward_stream()
+    _STATE.stream = index
+    try:
+        yield
+    finally:
+        _STATE.stream = prev

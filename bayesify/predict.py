@@ -1,7 +1,8 @@
 """Predictive summaries of a Bayesian model: ``bf.predict(bnn, x, samples=100)``.
 
 The model is run ``samples`` times (one vectorised call per batch) in eval mode under
-``torch.no_grad``; the sampled outputs are reduced per input to
+``torch.no_grad`` (with ``dropout=True`` its dropout layers stay on, each sample with its own
+masks: ``bayesify._dropout``); the sampled outputs are reduced per input to
 
 - ``likelihood="categorical"`` (the model outputs logits over the last dimension):
   ``probs`` (the mean of the per-sample softmax), ``entropy`` (total uncertainty),
@@ -32,7 +33,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator
 
@@ -40,6 +41,8 @@ import torch
 from torch import Tensor
 
 from ._choices import lookup
+from ._dropout import dropout_on
+from ._state import in_forward_stream
 from .loss import LIKELIHOODS, first_tensor
 from . import _reuse
 from ._reuse import reusing_draws
@@ -300,6 +303,7 @@ def predict(
     keep_samples: bool = False,
     chunk_size: int | None = None,
     linearized: bool | None = None,
+    dropout: bool = False,
 ) -> Prediction:
     """Predictive summaries of ``model`` on ``x`` from ``samples`` posterior samples.
 
@@ -329,10 +333,21 @@ def predict(
             vectorised over the samples) instead of running the network on each weight sample;
             the predictive for Laplace posterior spreads (``bf.laplace``). Default: what
             ``bf.laplace`` / ``bf.calibrate`` recorded in ``model.predictive``, else False.
+        dropout: keep the model's own dropout layers (``nn.Dropout`` and its family, ``p > 0``)
+            on: each weight sample also draws its own dropout masks, so the predictive is the
+            Gaussian posterior's and dropout's together (MC dropout as variational inference,
+            Gal & Ghahramani 2016); with ``variational="pointmass"`` it is MC dropout. Only those
+            layers leave eval mode (BatchNorm keeps its running statistics). The masks follow
+            ``generator`` (bit-reproducible), one independent stream per batch (so a different
+            batching, or ``chunk_size``, gives another, equally valid, draw of the masks; the weight
+            samples stay the same). ``ValueError`` for a model without such a layer, or with the
+            linearised predictive (it linearises one deterministic network). Default False: eval
+            mode, dropout off.
 
     A softmax temperature chosen by ``bf.calibrate`` (``model.predictive``) divides the logits.
 
-    The model runs in eval mode under ``torch.no_grad``; its train/eval modes are restored.
+    The model runs in eval mode (but its dropout layers with ``dropout=True``) under
+    ``torch.no_grad``; its train/eval modes are restored.
     """
     if not isinstance(model, VIModule):
         raise TypeError(f"predict expects a bayesify.VIModule (e.g. bf.bayesify(model)), "
@@ -353,6 +368,13 @@ def predict(
     elif not isinstance(linearized, bool):
         raise TypeError(f"linearized must be True, False or None, got {linearized!r}")
     temperature = float(settings.get("softmax_temperature", 1.0)) if kind == "categorical" else 1.0
+    if not isinstance(dropout, bool):
+        raise TypeError(f"dropout must be True or False, got {dropout!r}")
+    if dropout and linearized:
+        raise ValueError("dropout=True needs the sampled predictive; the linearised one (linearized=True"
+                         + ("" if "linearized" not in settings else ", recorded by bf.laplace / bf.calibrate")
+                         + ") runs one deterministic network: pass linearized=False")
+    masks = dropout_on(model) if dropout else nullcontext()
 
     gen = generator if generator is not None else _default_generator(model)
     start = gen.get_state() if gen is not None else None
@@ -365,7 +387,7 @@ def predict(
     reuse = gen is not None and not linearized and (chunk_size is None or chunk_size >= n)
     try:
         model.eval()
-        with (torch.no_grad(), _progress(progress, total) as advance,
+        with (masks, torch.no_grad(), _progress(progress, total) as advance,
               reusing_draws(model, _reuse.REUSE_MAX_BYTES if reuse else 0)):
             if linearized:
                 from ._linearize import perturbations, site_means, spread_sites
@@ -375,13 +397,14 @@ def predict(
                 means = site_means(model, sites)
                 tangents = perturbations(sites, n, gen, factors)
                 after_one = gen.get_state() if gen is not None else None
-            for args, kwargs in calls:
+            for b, (args, kwargs) in enumerate(calls):
                 if linearized:
                     pred = _linearized(model, args, kwargs, means, tangents, chunk_size, n)
                 else:
                     if gen is not None:
                         gen.set_state(start)  # the same weight draws for every batch
-                    out = model(*args, samples=n, generator=gen, chunk_size=chunk_size, **kwargs)
+                    with in_forward_stream(b) if dropout else nullcontext():
+                        out = model(*args, samples=n, generator=gen, chunk_size=chunk_size, **kwargs)
                     if gen is not None and after_one is None:
                         after_one = gen.get_state()
                     pred = first_tensor(out)

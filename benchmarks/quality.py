@@ -25,6 +25,10 @@ so MC dropout needs no other net) and is evaluated on the same sets:
 - **ELBO + Adam + calibrate**, **IVON + calibrate**: the same fits, then ``bf.calibrate`` on the
   validation split (posterior scale only, the sampled predictive: these are trained posteriors),
   predicting with ``bf.predict`` (the rescaled spreads).
+- **MAP fine-tune + dropout**, **ELBO + Adam + dropout**, **IVON + dropout**, **IVON (prior 0.3) +
+  dropout**: the same fits (which train with the network's dropout on), predicting with
+  ``bf.predict(..., dropout=True)``: the network's dropout layers stay on, each weight sample with
+  its own masks (MAP fine-tune + dropout is MC dropout after the fine-tune: the control).
 - **Laplace** rows (no training): ``bf.laplace`` over the training set (all sites diagonal, or the
   last layer with a full GGN), with and without ``bf.calibrate``, predicting with the
   linearised predictive; **laplace-torch last-layer KFAC** (marglik, GLM predictive) as the
@@ -502,12 +506,16 @@ def _nll_kwargs(task: Task) -> dict[str, Any]:
     return {} if task.likelihood == "categorical" else {"noise_std": math.sqrt(task.noise_var)}
 
 
-def map_finetune(task: Task, net: nn.Module, seed: int) -> Predictive:
+def _train_map(task: Task, net: nn.Module, seed: int) -> bf.BayesianModel:
     bnn = task.convert(net, variational="pointmass")
     loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, **_nll_kwargs(task))
     opt = torch.optim.Adam(task.trainable(bnn), lr=1e-3)
     _finetune_loop(task, bnn, loss_fn, opt, 1, seed)
-    return _bnn_predictive(task, bnn, seed)
+    return bnn
+
+
+def map_finetune(task: Task, net: nn.Module, seed: int) -> Predictive:
+    return _bnn_predictive(task, _train_map(task, net, seed), seed)
 
 
 def _train_elbo_adam(task: Task, net: nn.Module, seed: int) -> bf.BayesianModel:
@@ -595,6 +603,17 @@ def _linearised(fit: Callable[[Task, nn.Module, int], bf.BayesianModel]
     return row
 
 
+def _dropout_on(fit: Callable[[Task, nn.Module, int], bf.BayesianModel]
+                ) -> Callable[[Task, nn.Module, int], Predictive]:
+    """``fit`` (a fine-tune, which trains with the network's dropout on), predicting with
+    ``bf.predict(..., dropout=True)``: the network's own dropout layers stay on, each weight sample
+    with its own masks (the Gaussian posterior and MC dropout's Bernoulli family together)."""
+    def row(task: Task, net: nn.Module, seed: int) -> Predictive:
+        return _predict_bnn(task, fit(task, net, seed), seed, dropout=True)
+    row.__name__ = f"{fit.__name__}_dropout"
+    return row
+
+
 METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = OrderedDict([
     ("point", point), ("MC dropout", mc_dropout), ("deep ensemble (5)", ensemble),
     ("MAP fine-tune", map_finetune), ("ELBO + Adam", elbo_adam), ("IVON", ivon),
@@ -608,6 +627,10 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("ELBO + Adam linearised", _linearised(_train_elbo_adam)),
     ("IVON linearised", _linearised(_train_ivon)),
     ("IVON (prior 0.3) linearised", _linearised(_train_ivon_wide_prior)),
+    ("MAP fine-tune + dropout", _dropout_on(_train_map)),
+    ("ELBO + Adam + dropout", _dropout_on(_train_elbo_adam)),
+    ("IVON + dropout", _dropout_on(_train_ivon)),
+    ("IVON (prior 0.3) + dropout", _dropout_on(_train_ivon_wide_prior)),
 ])
 TASKS: dict[str, type[Task]] = {"digits": Digits, "gap": Gap, "diabetes": Diabetes, "minilm": MiniLM}
 
@@ -625,11 +648,12 @@ def _heldout(task: Task) -> tuple[Any, Tensor]:
     return task.x_train, task.y_train
 
 
-def _predict_bnn(task: Task, bnn: bf.BayesianModel, seed: int, linearized: bool | None = None) -> Predictive:
+def _predict_bnn(task: Task, bnn: bf.BayesianModel, seed: int, linearized: bool | None = None,
+                 dropout: bool = False) -> Predictive:
     @torch.no_grad()
     def predict(x: Any) -> dict[str, Any]:
         pred = bf.predict(bnn, x, samples=task.pred_samples, likelihood=task.likelihood, linearized=linearized,
-                          generator=torch.Generator().manual_seed(seed), **_nll_kwargs(task))
+                          dropout=dropout, generator=torch.Generator().manual_seed(seed), **_nll_kwargs(task))
         if task.likelihood == "categorical":
             return {"probs": pred.probs, "entropy": pred.entropy, "mi": pred.mutual_information}
         return {"mean": pred.mean.reshape(-1), "var": pred.variance.reshape(-1),
