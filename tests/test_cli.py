@@ -301,3 +301,11 @@ def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path: Path) -> None:
     assert debug.code == 2 and "Traceback" in debug.err and debug.err.strip().splitlines()[-1].startswith("bayesify")
     leftovers = [p.name for p in d.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
+
+
+def test_demo_finetune_exclusive_flags() -> None:
+    from bayesify.demo import _cnn, demo_finetune
+
+    with pytest.raises(ValueError, match="map_control and rank1 are exclusive"):
+        demo_finetune(_cnn(), torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), 1, 1, 0,
+                      map_control=True, rank1=True)
