@@ -177,7 +177,7 @@ class IVON(torch.optim.Optimizer):
 
     def __init__(self, params: nn.Module | Iterable[Any], lr: float = 0.1, ess: float | None = None, *,
                  betas: tuple[float, float] = (0.9, 0.9999), weight_decay: float | None = None,
-                 hess_init: float | None = None, clip_radius: float = 3.0, max_grad_norm: float | None = None,
+                 hess_init: float | None = None, clip_radius: float = 0.1, max_grad_norm: float | None = None,
                  model: nn.Module | None = None) -> None:
         if isinstance(params, nn.Module):
             if model is not None and model is not params:

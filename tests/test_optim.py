@@ -75,7 +75,9 @@ def test_converges_to_the_exact_mean_field_posterior():
     x, y = linear_data()
     precision, mean, var = exact_posterior(x, y)
     model = linear_model()
-    opt = bf.optim.IVON(model, lr=0.2, ess=len(x))
+    # clip_radius=3: the start is up to 87 posterior stds from the mean, and the default clip (0.1
+    # stds per step, for the coupled weights of a network) needs ~700 steps to travel that far.
+    opt = bf.optim.IVON(model, lr=0.2, ess=len(x), clip_radius=3.0)
     fit(model, opt, x, y, steps=400, samples=16)
     std = F.softplus(model.weight_rho.detach()).squeeze(0).double()
     torch.testing.assert_close(model.weight.detach().squeeze(0).double(), mean, atol=float(0.3 * var.sqrt().min()),
@@ -293,3 +295,46 @@ def test_a_kept_spread_is_forgotten_when_rho_is_written():
     ref = copy.deepcopy(model)
     ref.__dict__.pop("_prior_in_optimizer", None)
     assert torch.equal(w, ref(x, samples=2, generator=torch.Generator().manual_seed(0)))
+
+
+def _gap_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([lo + 2 * torch.rand(n // 2, 1, generator=g) for lo in (-3.0, 1.0)])
+    return x, torch.sin(1.5 * x) + 0.2 * x + 0.1 * torch.randn(x.shape, generator=g)
+
+
+@pytest.mark.parametrize("prior_scale, ess_mult", [(0.03, 10), (1.0, 100)])
+def test_a_colder_posterior_keeps_the_fit(prior_scale, ess_mult):
+    """A pretrained ReLU MLP (benchmarks/quality.py's gap task, smaller) fine-tuned by IVON with the
+    defaults at ess = 10 N / 100 N (colder than the data: it should fit at least as well as ess = N).
+    Before the step was clipped to 0.1 posterior stds (it was 3), the diagonal Newton step overshot
+    once the prior no longer damped it (lr 0.1 against lambda_max(D^-1/2 H D^-1/2) of 200-570):
+    the train RMSE went from 0.10 to 0.3-0.8 (dead ReLUs) and stayed there."""
+    torch.manual_seed(0)
+    x, y = _gap_data(160, seed=0)
+    net = nn.Sequential(nn.Linear(1, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 1))
+    pre = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(1500):
+        loss = F.mse_loss(net(x), y)
+        pre.zero_grad()
+        loss.backward()
+        pre.step()
+    with torch.no_grad():
+        point_rmse = float(F.mse_loss(net(x), y).sqrt())
+    assert point_rmse < 0.13
+    bnn = bf.bayesify(net, prior=bf.priors.Normal("pretrained", prior_scale))
+    opt = bf.optim.IVON(bnn, lr=0.1, ess=ess_mult * len(x))
+    loss_fn = bf.NLLLoss("normal", noise_std=point_rmse)
+    gen = torch.Generator().manual_seed(1)
+    bnn.train()
+    for _ in range(150):
+        idx = torch.randint(len(x), (50,), generator=gen)
+        loss = loss_fn(bnn(x[idx], samples=2, generator=gen), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bnn.eval()
+    with torch.no_grad():
+        mean = bnn(x, samples=50, generator=torch.Generator().manual_seed(2)).mean(0)
+    rmse = float(F.mse_loss(mean, y).sqrt())
+    assert rmse < 1.3 * point_rmse, (rmse, point_rmse)
