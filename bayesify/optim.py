@@ -177,8 +177,8 @@ class IVON(torch.optim.Optimizer):
 
     def __init__(self, params: nn.Module | Iterable[Any], lr: float = 0.1, ess: float | None = None, *,
                  betas: tuple[float, float] = (0.9, 0.9999), weight_decay: float | None = None,
-                 hess_init: float | None = None, clip_radius: float = 0.1, max_grad_norm: float | None = None,
-                 model: nn.Module | None = None) -> None:
+                 hess_init: float | None = None, clip_radius: float = 0.1, hess_floor: float = 0.5,
+                 max_grad_norm: float | None = None, model: nn.Module | None = None) -> None:
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("pass either the model as params or model=, not two different modules")
@@ -204,6 +204,7 @@ class IVON(torch.optim.Optimizer):
         if hess_init is not None:
             _check_number("hess_init", hess_init, 0.0, closed_low=True)
         _check_number("clip_radius", clip_radius, 0.0)
+        _check_number("hess_floor", hess_floor, 0.0, closed_low=True)
         if max_grad_norm is not None:
             _check_number("max_grad_norm", max_grad_norm, 0.0)
 
@@ -225,7 +226,7 @@ class IVON(torch.optim.Optimizer):
                               f"parameter(s) ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) are not "
                               "stepped: give them their own optimiser or freeze them", stacklevel=2)
         defaults = dict(lr=lr, ess=ess, betas=tuple(betas), weight_decay=weight_decay, hess_init=hess_init,
-                        clip_radius=clip_radius, max_grad_norm=max_grad_norm)
+                        clip_radius=clip_radius, hess_floor=hess_floor, max_grad_norm=max_grad_norm)
         super().__init__(params, defaults)
         for group in self.param_groups:
             kept = []
@@ -342,8 +343,9 @@ class IVON(torch.optim.Optimizer):
         for i, saved in state_dict["state"].items():
             st = self.state.get(params[int(i)])
             if st:
-                for k in ("momentum", "hess"):
-                    st[k] = saved[k].detach().to(device=st[k].device, dtype=torch.float32, copy=True)
+                for k in ("momentum", "hess", "hess_mean"):
+                    if k in saved:
+                        st[k] = saved[k].detach().to(device=st[k].device, dtype=torch.float32, copy=True)
         self.sync_spreads()
 
     def release(self) -> None:
@@ -390,8 +392,16 @@ class IVON(torch.optim.Optimizer):
                 if rho.grad is not None:
                     # d = h_hat - h, with h_hat = rho.grad / (sigmoid(rho) sigma) (see hessian_estimate)
                     d = torch.sigmoid(r).mul_(sigma).clamp_min_(1e-38)
-                    torch.div(rho.grad.float(), d, out=d).sub_(hess)
+                    torch.div(rho.grad.float(), d, out=d)
                     w = max(1.0 - beta2, 1.0 / (t + _START_WEIGHT))
+                    floor = delta
+                    if group.get("hess_floor", 0.0):  # (groups saved before the floor existed: none)
+                        hm = st.get("hess_mean")
+                        if hm is None:
+                            hm = st["hess_mean"] = torch.tensor(_scalar(hess.mean()), dtype=torch.float32)
+                        hm.mul_(1 - w).add_(_scalar(d.mean()) * w)
+                        floor = delta + group["hess_floor"] * max(float(hm), 0.0)
+                    d.sub_(hess)
                     # a = h + delta moves by w d, d clipped to +- 3a: symmetric, so the average stays
                     # unbiased for the estimator's symmetric noise, and no single draw collapses h;
                     # h >= 0, or with no prior (delta = 0) a falls at most 10x (module docstring, (*)).
@@ -399,8 +409,10 @@ class IVON(torch.optim.Optimizer):
                     torch.add(a, d, alpha=w, out=d)
                     if delta == 0:
                         torch.maximum(d, a.mul_(0.1), out=d)
+                        if floor > 0:
+                            d.clamp_min_(floor)
                     else:
-                        d.clamp_min_(delta)
+                        d.clamp_min_(floor)
                     torch.sub(d, delta, out=hess).nan_to_num_(nan=0.0, posinf=1e30)
                 else:
                     d = torch.empty_like(a)
