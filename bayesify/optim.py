@@ -422,23 +422,28 @@ class IVON(torch.optim.Optimizer):
                     mom.lerp_(p.grad, 1 - beta1)  # beta1 mom + (1 - beta1) g in one pass
                 else:
                     mom.mul_(beta1).add_(p.grad, alpha=(1 - beta1) * scale)
-                step = torch.mul(mom, 1.0 / (1 - beta1 ** t), out=a)
-                if delta:  # the prior's pull: delta (m - centre)
-                    step.add_(p, alpha=delta)
-                    if isinstance(centre, Tensor):
-                        step.sub_(centre, alpha=delta)
-                    elif centre:
-                        step.sub_(centre * delta)
+                # The step is c (mom + (delta / c) (m - centre)) / (h + delta) with the bias correction
+                # c = 1 / (1 - beta1^t) applied at the end (folded into lr and the clip: one pass less).
+                c = 1.0 / (1 - beta1 ** t)
                 denom = torch.add(hess, delta, out=d)
                 if delta < 1e-30:  # as _write_rho (sync_spreads): the same rho after a state_dict round trip
                     denom.clamp_min_(1e-30)
-                step.div_(denom)
-                if math.isfinite(radius):  # |lr * step| <= radius * sigma
-                    step.div_(sigma).clamp_(-radius / lr, radius / lr).mul_(sigma)
-                if p.dtype == torch.float32:
-                    p.sub_(step, alpha=lr)
+                if delta:  # the prior's pull: delta (m - centre)
+                    step = torch.add(mom, p, alpha=delta / c, out=a)
+                    if isinstance(centre, Tensor):
+                        step.sub_(centre, alpha=delta / c)
+                    elif centre:
+                        step.sub_(centre * delta / c)
+                    step.div_(denom)
                 else:
-                    p.sub_(step.mul_(lr).to(p.dtype))
+                    step = torch.div(mom, denom, out=a)
+                if math.isfinite(radius):  # |lr * c * step| <= radius * sigma
+                    bound = radius / (lr * c)
+                    step.div_(sigma).clamp_(-bound, bound).mul_(sigma)
+                if p.dtype == torch.float32:
+                    p.sub_(step, alpha=lr * c)
+                else:
+                    p.sub_(step.mul_(lr * c).to(p.dtype))
                 # sigma = 1 / sqrt(ess (h + delta)) into rho = inverse_softplus(sigma)
                 self._set_rho(rho, denom, ess)
                 rho.grad = None
