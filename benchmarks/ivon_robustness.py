@@ -13,7 +13,7 @@ Run::
 
     python benchmarks/ivon_robustness.py --tasks gap --seeds 3 --threads 1
     python benchmarks/ivon_robustness.py --tasks digits --priors 0.03 --ess 1,10,100 --lrs 0.1
-    python benchmarks/ivon_robustness.py --clip-radius 3    # an IVON keyword for every cell
+    python benchmarks/ivon_robustness.py --clip-radius 3 --hess-floor 0   # IVON keywords for every cell
 
 Results and the commands that produced them: docs/uncertainty.md (the IVON section).
 """
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ess", type=_floats, default=[0.1, 1, 10, 100], help="ess as multiples of the dataset size")
     ap.add_argument("--lrs", type=_floats, default=[0.01, 0.1, 0.5])
     ap.add_argument("--clip-radius", type=float, default=None, help="IVON's clip_radius (default: IVON's own)")
+    ap.add_argument("--hess-floor", type=float, default=None, help="IVON's hess_floor (default: IVON's own)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown task(s) {bad}; choose from {sorted(TASKS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    kw = {} if args.clip_radius is None else {"clip_radius": args.clip_radius}
+    kw = {k: v for k, v in (("clip_radius", args.clip_radius), ("hess_floor", args.hess_floor)) if v is not None}
     for t in tasks:
         print(run(t, list(range(args.seeds)), args.priors, args.ess, args.lrs, kw), flush=True)
         print(flush=True)
