@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
+from ._rank1 import rank1_factors
 
 __all__ = ["PointModelError", "SampleLinear", "SampleConv2d", "SampleAttention", "SampleBatchNorm",
            "conv2d_by_gemm", "conv2d_gemm",
@@ -62,8 +63,11 @@ class SampleLinear(torch.autograd.Function):
         if w_dim is None or weight.dim() != 3:
             # weights shared by the samples: PyTorch's own rule
             return torch.vmap(F.linear, in_dims=in_dims)(x, weight, bias), 0
-        w = weight.movedim(w_dim, 0)
         b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
+        factors = rank1_factors(weight) if RANK1_FACTORS and w_dim == 0 else None
+        if factors is not None:
+            return _rank1_linear(x, x_dim, *factors, b), 0
+        w = weight.movedim(w_dim, 0)
         if x_dim is None:  # one input for every sample
             lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         else:
@@ -71,6 +75,32 @@ class SampleLinear(torch.autograd.Function):
             lead, x2 = xs.shape[1:-1], xs.reshape(xs.shape[0], -1, xs.shape[-1])
         out = _BatchedLinear.apply(x2, w, b)
         return out.reshape(w.shape[0], *lead, w.shape[1]), 0
+
+
+#: Per-sample linear layers of rank-1 sites (``variational="rank1"``) compute ``((x_s * s_s) @ W^T) * r_s``
+#: from the factors under vmap, the point model's product on ``S x N`` rows with one shared ``W``
+#: (no ``(S, out, in)`` weight gradient). False: through the materialised samples (the A/B partner).
+RANK1_FACTORS = True
+
+
+def _rank1_linear(x: Tensor, x_dim: int | None, weight: Tensor, r: Tensor, s: Tensor, b: Tensor | None) -> Tensor:
+    """``F.linear(x_k, W * outer(r_k, s_k), b_k)`` for every sample ``k`` at the factor level: ``x``
+    shared (``x_dim`` None) or batched at ``x_dim``, ``W`` ``(out, in)``, ``r`` ``(S, out)``, ``s``
+    ``(S, in)``, ``b`` ``(S, out)``, shared ``(out,)`` or None -> ``(S, *lead, out)``. Autograd
+    differentiates through ``W``, ``r``, ``s`` directly."""
+    n, (o, i) = r.shape[0], weight.shape
+    if x_dim is None:
+        lead, xs = x.shape[:-1], x.reshape(1, -1, i)
+    else:
+        xm = x.movedim(x_dim, 0)
+        lead, xs = xm.shape[1:-1], xm.reshape(n, -1, i)
+    h = F.linear(xs * s.unsqueeze(1), weight)  # (S, M, out): one GEMM over S x M rows
+    rr = r.unsqueeze(1)
+    if b is None:
+        out = h * rr
+    else:
+        out = torch.addcmul(b.unsqueeze(1) if b.dim() == 2 else b, h, rr)
+    return out.reshape(n, *lead, o)
 
 
 class PointModelError(RuntimeError):

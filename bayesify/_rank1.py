@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._normal import SampleRecompute
 
-__all__ = ["rank1_product"]
+__all__ = ["rank1_product", "rank1_factors"]
 
 
 def _product(weight: Tensor, r: Tensor, s: Tensor) -> Tensor:
@@ -59,5 +59,21 @@ class Rank1Product(torch.autograd.Function):
 
 
 def rank1_product(weight: Tensor, r: Tensor, s: Tensor) -> Tensor:
-    """``(n, *weight.shape)`` samples ``weight * r[:, :, None, ...] * s[:, None, :, ...]``."""
-    return Rank1Product.apply(weight, r, s)
+    """``(n, *weight.shape)`` samples ``weight * r[:, :, None, ...] * s[:, None, :, ...]``.
+
+    A linear weight's samples carry their factors (:func:`rank1_factors`): a per-sample linear
+    layer under vmap then computes ``((x_s * s_s) @ W^T) * r_s`` from them (``bayesify._batched``),
+    and no gradient flows through the materialised samples."""
+    w = Rank1Product.apply(weight, r, s)
+    if weight.dim() == 2:
+        w._bayesify_rank1 = (weight, r, s, w._version)
+    return w
+
+
+def rank1_factors(w: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(W, r, s)`` of samples ``w`` drawn by :func:`rank1_product` from a 2-D weight, as long
+    as ``w`` has not been modified in place since; else None."""
+    f = getattr(w, "_bayesify_rank1", None)
+    if f is None or f[3] != w._version:
+        return None
+    return f[0], f[1], f[2]

@@ -284,6 +284,30 @@ class BayesifyRunner(Runner):
                    progress=False)
 
 
+class Rank1MaterialisedRunner(BayesifyRunner):
+    """A rank-1 conversion with its linear layers through the materialised ``(S, out, in)`` samples
+    (``bayesify._batched.RANK1_FACTORS = False``, the path before the factor-level one): the A/B
+    partner of ``bayesify rank-1``, interleaved with it in the same run."""
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        import bayesify._batched as batched
+
+        batched.RANK1_FACTORS = False
+        try:
+            fn()
+        finally:
+            batched.RANK1_FACTORS = True
+
+    def eval_forward(self) -> None:
+        self._run(super().eval_forward)
+
+    def train_step(self) -> None:
+        self._run(super().train_step)
+
+    def predict(self, batches: int) -> None:
+        self._run(lambda: super(Rank1MaterialisedRunner, self).predict(batches))
+
+
 class AutotuneRunner(BayesifyRunner):
     """The default conversion with ``bayesify.backends.autotune`` on: small-map convolution kernels
     chosen by timing once per shape (the default is the fixed rule, GEMM at <= ``GEMM_MAX_POSITIONS``
@@ -437,11 +461,12 @@ class BayesianTorchRunner(Runner):
         return _ce_over_samples(self.forward(), self.y) + get_kl_loss(self.model) / DATASET_SIZE
 
 
-def _bayesify(estimator: str | None) -> Callable[[nn.Module], nn.Module]:
+def _bayesify(estimator: str | None, **options: Any) -> Callable[[nn.Module], nn.Module]:
     def convert(model: nn.Module) -> nn.Module:
         import bayesify as bf
 
-        return bf.bayesify(model) if estimator is None else bf.bayesify(model, estimator=estimator)
+        kw = dict(options) if estimator is None else {"estimator": estimator, **options}
+        return bf.bayesify(model, **kw)
 
     return convert
 
@@ -492,6 +517,11 @@ CONTENDERS = [
               "reference: the point model on 10xB with convolutions of <= 4 output positions computed as "
               "bayesify's per-sample ones (one GEMM over the unfolded input)", ("resnet18",)),
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
+    Contender("bayesify rank-1", _bayesify(None, variational="rank1"), BayesifyRunner,
+              "bf.bayesify(model, variational='rank1'): rank-1 multiplicative factors"),
+    Contender("bayesify rank-1, materialised", _bayesify(None, variational="rank1"), Rank1MaterialisedRunner,
+              "variational='rank1' with linear layers through the materialised (S, out, in) samples "
+              "(bayesify._batched.RANK1_FACTORS = False: the A/B partner)"),
     Contender("bayesify, autotune", _bayesify(None), AutotuneRunner,
               "bf.bayesify(model) with bayesify.backends.autotune = True (kernels chosen by measurement)"),
     Contender("bayesify, autotune without loop", _bayesify(None), AutotuneNoLoopRunner,

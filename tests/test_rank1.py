@@ -13,6 +13,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -298,3 +299,111 @@ def test_components_zero_spread_is_the_point_model_and_train() -> None:
     an(bnn(x, samples=2), y)
     kls_t = torch.tensor(kls)
     assert abs(kls_t.mean().item() - an.last.kl) < 4 * kls_t.std().item() / math.sqrt(len(kls)) + 1e-3 * an.last.kl
+
+
+# --- factor-level linear layers: ((x_s * s_s) @ W^T) * r_s + b, no (S, out, in) weight gradient ---
+
+
+def _linear_under_vmap(x: torch.Tensor, x_dim: int | None, w: torch.Tensor, b: torch.Tensor | None,
+                       b_dim: int | None) -> torch.Tensor:
+    from bayesify._batched import SampleLinear
+
+    return torch.vmap(lambda xx, ww, bb: SampleLinear.apply(xx, ww, bb), in_dims=(x_dim, 0, b_dim))(x, w, b)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("x_kind", ["shared", "per-sample", "shared 3-D", "per-sample 3-D", "per-sample dim 1"])
+@pytest.mark.parametrize("bias", [None, "shared", "per-sample"])
+def test_factor_level_linear_equals_the_materialised_samples(monkeypatch: pytest.MonkeyPatch, samples: int,
+                                                             x_kind: str, bias: str | None) -> None:
+    import bayesify._batched as batched
+
+    gen = torch.Generator().manual_seed(samples * 100 + len(x_kind))
+    o, i, n = 5, 4, 6
+    shape = {"shared": (n, i), "per-sample": (samples, n, i), "shared 3-D": (n, 2, i),
+             "per-sample 3-D": (samples, n, 2, i), "per-sample dim 1": (n, samples, i)}[x_kind]
+    x_dim = {"shared": None, "shared 3-D": None, "per-sample dim 1": 1}.get(x_kind, 0)
+    leaves = {"x": torch.randn(shape, generator=gen, dtype=torch.double),
+              "W": torch.randn(o, i, generator=gen, dtype=torch.double),
+              "r": 1 + 0.3 * torch.randn(samples, o, generator=gen, dtype=torch.double),
+              "s": 1 + 0.3 * torch.randn(samples, i, generator=gen, dtype=torch.double)}
+    if bias is not None:
+        leaves["b"] = torch.randn((o,) if bias == "shared" else (samples, o), generator=gen, dtype=torch.double)
+    results = []
+    for factors in (False, True):
+        monkeypatch.setattr(batched, "RANK1_FACTORS", factors)
+        t = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        w = rank1_product(t["W"], t["r"], t["s"])
+        through_w = []
+        w.register_hook(lambda g: through_w.append(g))
+        out = _linear_under_vmap(t["x"], x_dim, w, t.get("b"), None if bias in (None, "shared") else 0)
+        assert out.shape == (samples, *shape[:x_dim], *shape[x_dim + 1:-1], o) if x_dim is not None \
+            else out.shape == (samples, *shape[:-1], o)
+        out.mul(torch.linspace(-1, 2, out.numel(), dtype=torch.double).view(out.shape)).sum().backward()
+        assert bool(through_w) != factors  # the factor path sends nothing through the samples
+        results.append((out.detach(), {k: v.grad for k, v in t.items()}))
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0)
+    assert g1.keys() == g0.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], msg=lambda m: f"gradient of {k}: {m}")
+
+
+def _grads_both_ways(monkeypatch: pytest.MonkeyPatch, make: Any, inputs: Any, target: torch.Tensor,
+                     **call: Any) -> list[tuple[torch.Tensor, dict[str, torch.Tensor], int]]:
+    import bayesify._batched as batched
+    from bayesify._rank1 import Rank1Product
+
+    backward = Rank1Product.backward
+    runs: list[int] = []
+
+    def counted(ctx: Any, g: torch.Tensor) -> Any:
+        runs.append(1)
+        return backward(ctx, g)
+
+    monkeypatch.setattr(Rank1Product, "backward", staticmethod(counted))
+    results = []
+    for factors in (False, True):
+        monkeypatch.setattr(batched, "RANK1_FACTORS", factors)
+        bnn = make()
+        args, kwargs = inputs()
+        runs.clear()
+        out = bnn(*args, samples=3, generator=torch.Generator().manual_seed(5), **kwargs, **call)
+        logits = getattr(out, "logits", out)
+        loss = bf.ELBOLoss("categorical", dataset_size=20)(logits, target)
+        loss.backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in bnn.named_parameters()
+                                          if p.grad is not None}, len(runs)))
+    return results
+
+
+@pytest.mark.parametrize("call", [{}, {"chunk_size": 2}, {"recompute_samples": True}], ids=str)
+def test_factor_level_mlp_equals_the_materialised_samples(monkeypatch: pytest.MonkeyPatch, call: dict) -> None:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        return bf.bayesify(net, variational="rank1:init_std=0.3").train()
+
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(1))
+    (out0, g0, runs0), (out1, g1, runs1) = _grads_both_ways(monkeypatch, make, lambda: ((x,), {}),
+                                                            torch.tensor([0, 2, 1, 0]), **call)
+    assert runs0 >= 3 and runs1 == 0  # every layer's samples went unused by backward
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g0.keys() and any(n.endswith("r_rho") for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("call", [{}, {"recompute_samples": True}], ids=str)
+def test_factor_level_bert_equals_the_materialised_samples(monkeypatch: pytest.MonkeyPatch, call: dict) -> None:
+    torch.manual_seed(0)
+    tokens = _tokens()
+    (out0, g0, runs0), (out1, g1, runs1) = _grads_both_ways(
+        monkeypatch, lambda: bf.bayesify(tiny_bert().train(), variational="rank1:init_std=0.3"), lambda: tokens,
+        torch.tensor([0, 2]), **call)
+    # the 14 linear layers take the factor path; the word, position and token-type embeddings do not
+    assert (runs0, runs1) == (17, 3)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
