@@ -381,7 +381,7 @@ def _grads_both_ways(monkeypatch: pytest.MonkeyPatch, make: Any, inputs: Any, ta
 def test_factor_level_mlp_equals_the_materialised_samples(monkeypatch: pytest.MonkeyPatch, call: dict) -> None:
     def make() -> nn.Module:
         torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
         return bf.bayesify(net, variational="rank1:init_std=0.3").train()
 
     x = torch.randn(4, 12, generator=torch.Generator().manual_seed(1))
