@@ -318,6 +318,7 @@ def test_factor_level_linear_equals_the_materialised_samples(monkeypatch: pytest
                                                              x_kind: str, bias: str | None) -> None:
     import bayesify._batched as batched
 
+    monkeypatch.setattr(batched, "RANK1_FACTOR_MAX_RATIO", math.inf)  # these shapes: always the factor path
     gen = torch.Generator().manual_seed(samples * 100 + len(x_kind))
     o, i, n = 5, 4, 6
     shape = {"shared": (n, i), "per-sample": (samples, n, i), "shared 3-D": (n, 2, i),
@@ -362,6 +363,7 @@ def _grads_both_ways(monkeypatch: pytest.MonkeyPatch, make: Any, inputs: Any, ta
         return backward(ctx, g)
 
     monkeypatch.setattr(Rank1Product, "backward", staticmethod(counted))
+    monkeypatch.setattr(batched, "RANK1_FACTOR_MAX_RATIO", math.inf)  # every linear layer: the factor path
     results = []
     for factors in (False, True):
         monkeypatch.setattr(batched, "RANK1_FACTORS", factors)
@@ -407,3 +409,17 @@ def test_factor_level_bert_equals_the_materialised_samples(monkeypatch: pytest.M
     assert g1.keys() == g0.keys()
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_factor_level_only_where_few_rows_per_sample() -> None:
+    """The rule (``RANK1_FACTOR_MAX_RATIO``): the factor path where a sample's rows ``M`` have
+    ``M (in + out) <= in * out``; more rows go through the materialised samples."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 6, requires_grad=True)
+    r, s = torch.ones(3, 8, requires_grad=True), torch.ones(3, 6, requires_grad=True)
+    for rows, factors in ((3, True), (4, False)):  # 3 * 14 <= 48 < 4 * 14
+        w = rank1_product(weight, r, s)
+        through_w = []
+        w.register_hook(lambda g: through_w.append(g))
+        _linear_under_vmap(torch.randn(3, rows, 6), 0, w, None, None).sum().backward()
+        assert bool(through_w) != factors, rows
