@@ -119,10 +119,19 @@ class VIModule(nn.Module):
         rec = SampleRecompute() if recompute_samples and torch.is_grad_enabled() else None
         # The samples are substituted into this model's parameter slots: one thread at a time.
         turn = nullcontext() if torch.compiler.is_compiling() else sampled_call_lock(self)
-        with turn, _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
-            if rec is not None:  # eager even under torch.compile: Dynamo would read the means, not the draws
-                return self._sampled_call_eager(args, kwargs, n, generator, chunk_size, rec)
-            return self._sampled_call(args, kwargs, n, generator, chunk_size)
+        try:
+            with turn, _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
+                if rec is not None:  # eager even under torch.compile: Dynamo would read the means, not the draws
+                    return self._sampled_call_eager(args, kwargs, n, generator, chunk_size, rec)
+                return self._sampled_call(args, kwargs, n, generator, chunk_size)
+        except RuntimeError as exc:
+            if "setup_context" in str(exc) and torch._C._are_functorch_transforms_active():
+                raise RuntimeError(
+                    f"{type(self).__name__}: a sampled call cannot run inside a torch.func transform (grad, "
+                    "jacrev, jvp, or a torch.vmap over the model): its draws are autograd Functions that "
+                    "functorch cannot transform. Take gradients with torch.autograd.grad / .backward(), or "
+                    "use bf.predict(..., linearized=True) for the Jacobian-based predictive") from exc
+            raise
 
     # -- sites -----------------------------------------------------------------------------
     def bayesian_sites(self) -> list[Site]:

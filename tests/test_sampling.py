@@ -850,3 +850,22 @@ def test_minilm_attention_runs_folded_and_is_restored(monkeypatch):
         warnings.simplefilter("ignore")
         ref = run()  # PyTorch's own (per-sample fallback) attention
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("variational", ["meanfield", "rank1"])
+def test_sampled_call_inside_torch_func_says_what_to_use(variational):
+    """A sampled call under torch.func.grad raised functorch's "must override the setup_context
+    staticmethod" (about bayesify's internals); now one line naming what works instead, while
+    torch.autograd.grad through the same call still works."""
+    torch.manual_seed(0)
+    bnn = bf.bayesify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), variational=variational).eval()
+    x = torch.randn(5, 4)
+
+    def f(v):
+        return bnn(v, samples=3, generator=torch.Generator().manual_seed(0)).sum()
+
+    with pytest.raises(RuntimeError, match=r"cannot run inside a torch\.func transform.*torch\.autograd\.grad"):
+        torch.func.grad(f)(x)
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(xr), xr)
+    assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
