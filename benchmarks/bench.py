@@ -34,9 +34,11 @@ oneDNN, bayesify's kernel autotune) and the floors measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
+import importlib
 import json
 import os
 import platform
@@ -269,19 +271,46 @@ class BayesifyRunner(Runner):
         super().__init__(model, args, y)
         self.loss_fn = bf.ELBOLoss("categorical", dataset_size=DATASET_SIZE)
 
+    def setting(self) -> Any:
+        """The context every timed call runs in: none here; an A/B partner flips its switch in it."""
+        return contextlib.nullcontext()
+
     def forward(self) -> Any:
         return self.model(*self.args, samples=SAMPLES)
 
     def loss(self) -> torch.Tensor:
         return self.loss_fn(self.forward(), self.y)
 
+    def eval_forward(self) -> None:
+        with self.setting():
+            super().eval_forward()
+
+    def train_step(self) -> None:
+        with self.setting():
+            super().train_step()
+
     def predict(self, batches: int) -> None:
         """``bf.predict`` over ``batches`` copies of the batch, ``batch_size`` = the batch."""
         import bayesify as bf
 
         (x,) = self.args
-        bf.predict(self.model, x.repeat(batches, *([1] * (x.dim() - 1))), samples=SAMPLES, batch_size=x.shape[0],
-                   progress=False)
+        with self.setting():
+            bf.predict(self.model, x.repeat(batches, *([1] * (x.dim() - 1))), samples=SAMPLES,
+                       batch_size=x.shape[0], progress=False)
+
+
+@contextlib.contextmanager
+def _patched(module: str, **values: Any) -> Any:
+    """Within: the named attributes of ``module`` (a bayesify module) set to ``values``; restored after."""
+    mod = importlib.import_module(module)
+    was = {k: getattr(mod, k) for k in values}
+    for k, v in values.items():
+        setattr(mod, k, v)
+    try:
+        yield
+    finally:
+        for k, v in was.items():
+            setattr(mod, k, v)
 
 
 class Rank1MaterialisedRunner(BayesifyRunner):
@@ -289,23 +318,8 @@ class Rank1MaterialisedRunner(BayesifyRunner):
     (``bayesify._batched.RANK1_FACTORS = False``, the path before the factor-level one): the A/B
     partner of ``bayesify rank-1``, interleaved with it in the same run."""
 
-    def _run(self, fn: Callable[[], None]) -> None:
-        import bayesify._batched as batched
-
-        batched.RANK1_FACTORS = False
-        try:
-            fn()
-        finally:
-            batched.RANK1_FACTORS = True
-
-    def eval_forward(self) -> None:
-        self._run(super().eval_forward)
-
-    def train_step(self) -> None:
-        self._run(super().train_step)
-
-    def predict(self, batches: int) -> None:
-        self._run(lambda: super(Rank1MaterialisedRunner, self).predict(batches))
+    def setting(self) -> Any:
+        return _patched("bayesify._batched", RANK1_FACTORS=False)
 
 
 class AutotuneRunner(BayesifyRunner):
@@ -313,64 +327,31 @@ class AutotuneRunner(BayesifyRunner):
     chosen by timing once per shape (the default is the fixed rule, GEMM at <= ``GEMM_MAX_POSITIONS``
     output positions), the A/B partner of ``bayesify``, interleaved with it in the same run."""
 
-    def eval_forward(self) -> None:
-        with _autotune(True):
-            super().eval_forward()
-
-    def train_step(self) -> None:
-        with _autotune(True):
-            super().train_step()
-
-    def predict(self, batches: int) -> None:
-        with _autotune(True):
-            super().predict(batches)
+    def setting(self) -> Any:
+        return _patched("bayesify.backends", autotune=True)
 
 
 class AutotuneNoLoopRunner(BayesifyRunner):
     """``bayesify, autotune`` without the ``"loop"`` conv2d candidate (one plain convolution per
     sample): the A/B partner that shows what that candidate adds, interleaved in the same run."""
 
-    def _run(self, fn: Callable[[], None]) -> None:
-        from bayesify import _batched
-
-        was, _batched.CONV2D_CANDIDATES = _batched.CONV2D_CANDIDATES, ("conv", "gemm")
-        try:
-            with _autotune(True):
-                fn()
-        finally:
-            _batched.CONV2D_CANDIDATES = was
-
-    def eval_forward(self) -> None:
-        self._run(super().eval_forward)
-
-    def train_step(self) -> None:
-        self._run(super().train_step)
-
-    def predict(self, batches: int) -> None:
-        self._run(lambda: super(AutotuneNoLoopRunner, self).predict(batches))
+    @contextlib.contextmanager
+    def setting(self) -> Any:
+        with _patched("bayesify._batched", CONV2D_CANDIDATES=("conv", "gemm")), \
+                _patched("bayesify.backends", autotune=True):
+            yield
 
 
 class UntrimmedRunner(BayesifyRunner):
     """``bayesify`` with the per-sample small-map convolutions over the full kernel (no dropping of
     the taps that meet only padding, ``bayesify._batched.TRIM_PADDING_TAPS``): its A/B partner."""
 
-    def _run(self, fn: Callable[[], None]) -> None:
-        from bayesify import _batched
+    def setting(self) -> Any:
+        return _patched("bayesify._batched", TRIM_PADDING_TAPS=False)
 
-        was, _batched.TRIM_PADDING_TAPS = _batched.TRIM_PADDING_TAPS, False
-        try:
-            fn()
-        finally:
-            _batched.TRIM_PADDING_TAPS = was
 
-    def eval_forward(self) -> None:
-        self._run(super().eval_forward)
-
-    def train_step(self) -> None:
-        self._run(super().train_step)
-
-    def predict(self, batches: int) -> None:
-        self._run(lambda: super(UntrimmedRunner, self).predict(batches))
+def _mul_add_(eps: torch.Tensor, std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return eps.mul_(std).add_(mean)
 
 
 class PreviousEvalRunner(BayesifyRunner):
@@ -379,53 +360,12 @@ class PreviousEvalRunner(BayesifyRunner):
     budget set to 0), eval-mode BatchNorm takes PyTorch's batching rule (not folded), a sample is
     made by ``mul_`` + ``add_`` (not one ``addcmul``) in fresh memory (no sample pool)."""
 
-    def eval_forward(self) -> None:
-        with _previous_eval():
-            super().eval_forward()
-
-    def train_step(self) -> None:
-        with _previous_eval():
-            super().train_step()
-
-    def predict(self, batches: int) -> None:
-        with _previous_eval():
-            super().predict(batches)
-
-
-def _mul_add_(eps: torch.Tensor, std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    return eps.mul_(std).add_(mean)
-
-
-class _previous_eval:
-    """Within: the eval path as before (draws per batch, PyTorch's BatchNorm rule, ``mul_`` + ``add_``,
-    fresh memory for every eval draw)."""
-
-    def __enter__(self) -> None:
-        from bayesify import _normal, _reuse, _vmap_rules
-
-        self.was = _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES
-        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES = (
-            0, F.batch_norm, _mul_add_, 0)
-
-    def __exit__(self, *exc: Any) -> None:
-        from bayesify import _normal, _reuse, _vmap_rules
-
-        _reuse.REUSE_MAX_BYTES, _vmap_rules._batch_norm, _normal.affine_, _normal.SAMPLE_POOL_BYTES = self.was
-
-
-class _autotune:
-    def __init__(self, on: bool) -> None:
-        self.on = on
-
-    def __enter__(self) -> None:
-        from bayesify import backends
-
-        self.was, backends.autotune = backends.autotune, self.on
-
-    def __exit__(self, *exc: Any) -> None:
-        from bayesify import backends
-
-        backends.autotune = self.was
+    @contextlib.contextmanager
+    def setting(self) -> Any:
+        with _patched("bayesify._reuse", REUSE_MAX_BYTES=0), \
+                _patched("bayesify._vmap_rules", _batch_norm=F.batch_norm), \
+                _patched("bayesify._normal", affine_=_mul_add_, SAMPLE_POOL_BYTES=0):
+            yield
 
 
 class RecomputeRunner(BayesifyRunner):
