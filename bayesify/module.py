@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _reuse
 from ._batched import PointModelError
-from ._normal import SampleRecompute, draw_seed
+from ._normal import _OFFSET_STRIDE, SampleRecompute, draw_seed
 from ._state import _active, forward_stream, sampled_call_lock, sampling_active
 from ._vmap_rules import BatchNormUpdate, batchnorm_state, vmap_rules
 from .sites import Site, analytic_kl, iter_sites
@@ -258,7 +258,7 @@ class VIModule(nn.Module):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             stream = forward_stream()  # bf.predict(dropout=True): one stream per batch (_state)
             if stream:
-                seed = (seed + stream * 0x9E3779B97F4A7C15) % 2**62
+                seed = (seed + stream * _OFFSET_STRIDE) % 2**62
             rng = _seeded(seed)
         parts: list[list[Tensor]] = []
         lps: list[Tensor] = []
