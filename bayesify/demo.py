@@ -102,10 +102,7 @@ def demo_finetune(point: Any, x: Any, y: Any, epochs: int, samples: int, seed: i
         opt = torch.optim.Adam(bnn.parameters(), lr=1e-3)
     elif rank1:
         bnn = bf.bayesify(point, variational="rank1")
-        factors = {id(v) for site in bnn.bayesian_sites() for v in site.vparams().values()}
-        params = [p for p in bnn.parameters() if p.requires_grad]
-        opt = torch.optim.Adam([{"params": [p for p in params if id(p) not in factors], "lr": 1e-3},
-                                {"params": [p for p in params if id(p) in factors], "lr": 1e-2}])
+        opt = torch.optim.Adam(bf.train.param_groups(bnn))  # weights 1e-3, factors 1e-2
         loss_fn = bf.ELBOLoss("categorical", dataset_size=len(y))
     else:
         bnn = bf.bayesify(point)

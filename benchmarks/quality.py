@@ -549,10 +549,7 @@ def _train_rank1(task: Task, net: nn.Module, seed: int, **family: float) -> bf.B
     weights at lr 1e-3, the factors (means and spreads) at 1e-2, 4 samples per step."""
     bnn = task.convert(net, variational=bf.variational.Rank1Normal(**family))
     loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, **_nll_kwargs(task))
-    factors = {id(v) for s in bnn.bayesian_sites() for v in s.vparams().values()}
-    params = [p for p in bnn.parameters() if p.requires_grad]
-    opt = torch.optim.Adam([{"params": [p for p in params if id(p) not in factors], "lr": 1e-3},
-                            {"params": [p for p in params if id(p) in factors], "lr": 1e-2}])
+    opt = torch.optim.Adam(bf.train.param_groups(bnn))  # the weights at 1e-3, the factors at 1e-2
     _finetune_loop(task, bnn, loss_fn, opt, 4, seed)
     return bnn
 
