@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BLOCK", "Layout", "SampleRecompute", "blocks", "device_noise", "draw_seed", "fill", "meanfield_draw",
-           "regenerate", "run_parallel", "scratch", "softplus_scratch", "standard_normal"]
+__all__ = ["BLOCK", "Drawn", "Layout", "SampleRecompute", "blocks", "device_noise", "draw_seed", "fill", "meanfield_draw",
+           "regenerate", "run_parallel", "scratch", "softplus_scratch", "standard_normal",
+           "drawn_sample", "weight_grads_by_rows"]
 
 #: Elements per block: large enough that Python overhead is negligible, small enough to
 #: stay in cache for the fused work done on each block.
@@ -166,27 +167,31 @@ def _fill(out: Tensor, seed: int) -> Tensor:
     return out.normal_(generator=g)
 
 
-def fill(flat: Tensor, seed: int, per_block: Callable[[slice, Tensor], Any] | None = None,
-         lay: Layout | None = None) -> list[list[Any]]:
+def fill(flat: Tensor, seed: int, per_block: Callable[..., Any] | None = None,
+         lay: Layout | None = None, grouped: bool = False) -> list[list[Any]]:
     """Fill ``flat`` ``(n, numel)`` (contiguous) with N(0, 1) noise, block by block, in parallel.
 
     ``per_block(cols, block)`` runs on each filled block (the view ``flat[s, cols]``) while
-    it is hot in cache; its results come back per column chunk, in sample order.
+    it is hot in cache; its results come back per column chunk, in sample order. ``grouped``:
+    ``per_block(cols, block, i, first)`` with ``i`` the index of the task's sample group
+    (:func:`sample_groups`: tasks of different groups may run at once on the same columns) and
+    ``first`` whether ``s`` is that group's first sample.
     """
     lay = Layout(*flat.shape) if lay is None else lay
 
-    def task(c: int, samples: range) -> list[Any]:
+    def task(c: int, i: int, samples: range) -> list[Any]:
         cols = lay.cols(c)
         res = []
         for s in samples:
             block = flat[s, cols]
             _fill(block, seed + lay.index(s, c))
             if per_block is not None:
-                res.append(per_block(cols, block))
+                res.append(per_block(cols, block, i, s == samples.start) if grouped else per_block(cols, block))
         return res
 
     groups = sample_groups(lay)
-    parts = run_parallel([lambda c=c, g=g: task(c, g) for c in range(lay.chunks) for g in groups])
+    parts = run_parallel([lambda c=c, i=i, g=g: task(c, i, g) for c in range(lay.chunks)
+                          for i, g in enumerate(groups)])
     k = len(groups)
     return [[r for part in parts[c * k:(c + 1) * k] for r in part] for c in range(lay.chunks)]
 
@@ -279,9 +284,100 @@ def meanfield_draw(mean: Tensor, rho: Tensor, loc: Tensor | float | None, n: int
     grad = torch.is_grad_enabled() and (mean.requires_grad or rho.requires_grad)
     if not grad and loc is None:
         return _draw_values(mean, rho, lay, seed, pooled=True), None, None, None
-    _LOCAL.pool = None  # a training draw: the eval samples' memory goes back
-    w, quad, sq, log_std = _MeanFieldDraw.apply(mean, rho, loc, lay, seed)
+    _LOCAL.pool = None  # a training draw: the eval samples' memory goes back (its own pool below)
+    w, quad, sq, log_std = _MeanFieldDraw.apply(mean, rho, loc, lay, seed, grad and CLOSED_FORM_QUAD)
     return (w, None, None, None) if loc is None else (w, quad, sq, log_std)
+
+
+#: A per-sample layer whose weight is a fresh training draw (recoverable noise) computes the weight
+#: gradient block by block into the mean's and rho's gradients (:func:`weight_grads_by_rows`), never
+#: materialising the ``(S, *shape)`` gradient. False: through the draw's own backward (the A/B partner).
+FUSED_WEIGHT_GRADS = True
+
+
+class Drawn(NamedTuple):
+    """What a training draw ``w`` of :class:`_MeanFieldDraw` records (:func:`drawn_sample`) for a
+    layer that reads it: its parameters, layout, the optimiser's kept spread, and ``w``'s version."""
+
+    mean: Tensor
+    rho: Tensor
+    lay: Layout
+    kept: Tensor | None
+    version: int
+
+
+def _drawn_registry() -> Any:
+    """This thread's training draws (the sampled forward reads them on the thread that drew them),
+    weakly: an entry goes with its tensor."""
+    reg = getattr(_LOCAL, "drawn", None)
+    if reg is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        reg = _LOCAL.drawn = WeakIdKeyDictionary()
+    return reg
+
+
+def drawn_sample(w: Tensor) -> Drawn | None:
+    """The record of ``w`` where it is, unmodified, the whole sample tensor of a training draw whose
+    noise is recovered from it (else None: a view, a copy, a detached or modified tensor)."""
+    d = _drawn_registry().get(w) if FUSED_WEIGHT_GRADS else None
+    if d is None or w._version != d.version or w.grad_fn is None:
+        return None
+    return d
+
+
+def weight_grads_by_rows(d: Drawn, w: Tensor, rows_grad: Callable[[int, slice, Tensor], Tensor]
+                         ) -> tuple[Tensor, Tensor]:
+    """``(dL/dmean, dL/drho)`` of a draw ``w`` (``(n, rows, ...)``, recorded as ``d``) from its
+    per-sample gradient, given block by block: ``rows_grad(s, rows, out)`` writes ``dL/dw_s[rows]``
+    into ``out`` (a scratch buffer of that block's size, in ``w``'s shape) and returns it.
+
+    The same arithmetic as the draw's backward over a kept sample (``gm = sum_s t_s``, ``acc =
+    sum_s t_s w_s``, then ``eps`` recovered from the sums), but the ``(n, *shape)`` gradient is
+    never held: each block of it is made (a GEMM for a linear layer) while the sums are hot in
+    cache. The log-density terms (``quad``, ``log_std``) stay with the draw's own backward."""
+    lay, m = d.lay, d.mean.detach().reshape(-1)
+    rho = d.rho.detach().reshape(-1)
+    flat = w.detach().view(lay.n, -1)
+    g_mean, g_rho = m.new_empty(lay.numel), m.new_empty(lay.numel)
+    row_shape = tuple(w.shape[2:])
+
+    def accumulate(c: int, samples: range, gm_buf: Tensor, acc_buf: Tensor) -> None:
+        rows, cols = lay.rows(c), lay.cols(c)
+        size = cols.stop - cols.start
+        gm, acc = gm_buf[cols], acc_buf[cols]
+        out = scratch(size, m.dtype, 6).view(rows.stop - rows.start, *row_shape)
+        for k, s in enumerate(samples):
+            t = rows_grad(s, rows, out).reshape(-1)
+            if k == 0:
+                gm.copy_(t)
+                torch.mul(t, flat[s, cols], out=acc)
+            else:
+                gm.add_(t)
+                acc.addcmul_(t, flat[s, cols])
+        if not samples:
+            gm.zero_()
+            acc.zero_()
+
+    def finish(c: int) -> None:
+        cols = lay.cols(c)
+        sd_c = softplus_scratch(rho[cols], 3) if d.kept is None else d.kept[cols]
+        acc = g_rho[cols]
+        acc.addcmul_(g_mean[cols], m[cols], value=-1).div_(sd_c)
+        acc.mul_(torch.sigmoid(rho[cols], out=scratch(sd_c.numel(), m.dtype, 0)))
+
+    groups = sample_groups(lay)
+    if len(groups) == 1:
+        run_parallel([lambda c=c: (accumulate(c, groups[0], g_mean, g_rho), finish(c)) for c in range(lay.chunks)])
+    else:
+        bufs = [(g_mean, g_rho)] + [(torch.empty_like(g_mean), torch.empty_like(g_rho)) for _ in groups[1:]]
+        run_parallel([lambda c=c, i=i: accumulate(c, groups[i], *bufs[i])
+                      for c in range(lay.chunks) for i in range(len(groups))])
+        for gm_i, acc_i in bufs[1:]:
+            g_mean.add_(gm_i)
+            g_rho.add_(acc_i)
+        run_parallel([lambda c=c: finish(c) for c in range(lay.chunks)])
+    return g_mean.view(d.mean.shape), g_rho.view(d.rho.shape)
 
 
 def affine_(eps: Tensor, std: Tensor, mean: Tensor) -> Tensor:
@@ -326,6 +422,7 @@ def _pooled_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """``torch.empty(shape, dtype)``, in memory an earlier eval draw of this thread let go where
     there is some (see :data:`SAMPLE_POOL_BYTES`)."""
     pool = getattr(_LOCAL, "pool", None)
+    _LOCAL.train_pool = None  # an eval draw: the training samples' memory goes back
     if pool is None:
         pool = _LOCAL.pool = {"bytes": 0, "free": {}}
     kept = pool["free"].setdefault((shape, dtype), [])
@@ -338,6 +435,39 @@ def _pooled_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         pool["bytes"] += size
         kept.append(out)
     return out
+
+
+#: Training draws on this thread keep the memory of their samples, up to this many bytes, for the
+#: next training draw of the same size once autograd has let it go (after backward): the samples of
+#: a layer take more than glibc's largest heap block (32 MB), so each step otherwise maps them afresh
+#: and page-faults every page (the MLP benchmark's 96 MB of samples per step: ~25 ms of one core).
+#: An eval draw on the thread lets it go; 0 turns it off.
+TRAIN_POOL_BYTES = 512 << 20
+
+
+def _train_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.empty(shape, dtype)`` for a training draw: a new tensor on memory kept from an earlier
+    training draw of this thread that nothing holds any more (its storage used only by the pool),
+    else fresh memory, kept for the next draw within :data:`TRAIN_POOL_BYTES`. The pool holds the
+    storage through its own plain tensor, never the sample (nor, through it, its autograd node)."""
+    numel = math.prod(shape)
+    pool = getattr(_LOCAL, "train_pool", None)
+    if TRAIN_POOL_BYTES <= 0:
+        _LOCAL.train_pool = None
+        return torch.empty(shape, dtype=dtype)
+    if pool is None:
+        pool = _LOCAL.train_pool = {"bytes": 0, "free": {}}
+    kept = pool["free"].setdefault((numel, dtype), [])
+    for t in kept:
+        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2 and t._use_count() == 1:
+            return torch.empty(0, dtype=dtype).set_(t.untyped_storage(), 0, shape)
+    size = numel * torch.empty(0, dtype=dtype).element_size()
+    if pool["bytes"] + size > TRAIN_POOL_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    t = torch.empty(numel, dtype=dtype)
+    pool["bytes"] += size
+    kept.append(t)
+    return torch.empty(0, dtype=dtype).set_(t.untyped_storage(), 0, shape)
 
 
 def _draw_values(mean: Tensor, rho: Tensor, lay: Layout, seed: int, pooled: bool = False) -> Tensor:
@@ -545,30 +675,83 @@ def _backward_one(g: Tensor, w: Tensor, m: Tensor, rho: Tensor, glog: Tensor | N
     return g_mean.view(shape), g_rho.view(shape), None, None, None
 
 
+#: Training draws with log densities keep, per weight, the sums over samples of ``eps`` and ``eps^2``
+#: (two weight-sized tensors, not sample-sized), so the prior term's gradient takes a few passes over
+#: the weights instead of four over every sample (see :func:`_quad_grads`). False: the per-sample
+#: passes (the A/B partner).
+CLOSED_FORM_QUAD = True
+
+
+def _quad_grads(gm: Tensor, dstd: Tensor, m: Tensor, sd: Tensor, loc: Tensor | float, e1: Tensor, e2: Tensor,
+                n: int, c: Tensor) -> None:
+    """Add the gradient of ``sum_s gquad_s * sum((w_s - loc)^2)`` with ``2 gquad_s = c`` for every sample,
+    ``w_s = m + sd eps_s``, to ``gm`` (dL/dmean) and ``dstd`` (dL/dstd), from ``e1 = sum_s eps_s`` and
+    ``e2 = sum_s eps_s^2``: ``c (n (m - loc) + sd e1)`` and ``c ((m - loc) e1 + sd e2)``. The same
+    derivative as through each sample, without its rounding of ``w_s`` before ``- loc``."""
+    d = torch.sub(m, loc, out=scratch(m.numel(), m.dtype, 4))  # m - loc
+    t = torch.mul(sd, e2, out=scratch(m.numel(), m.dtype, 7)).addcmul_(d, e1)  # (m - loc) e1 + sd e2
+    dstd.add_(t.mul_(c))
+    gm.add_(torch.addcmul(d.mul_(n), sd, e1, out=t).mul_(c))
+
+
+#: Training draws keep ``softplus(rho)`` (one weight-sized tensor) for backward instead of computing it
+#: again there (not with ``recompute_samples``). False: recomputed (the A/B partner).
+KEEP_SPREAD_FOR_BACKWARD = True
+
+
+def _log_sum(sd: Tensor) -> Tensor:
+    """``sd.log().sum()`` of a flat ``sd`` block by block through scratch (no weight-sized temporary)."""
+    return torch.stack([torch.log(sd[c], out=scratch(c.stop - c.start, sd.dtype, 1)).sum()
+                        for c in blocks(sd.numel())]).sum()
+
+
 class _MeanFieldDraw(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, mean: Tensor, rho: Tensor, loc: Tensor | float | None, lay: Layout, seed: int
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, mean: Tensor, rho: Tensor, loc: Tensor | float | None, lay: Layout, seed: int,
+                keep_sums: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n = lay.n
-        w = torch.empty((n, *mean.shape), dtype=mean.dtype)
+        w = _train_empty((n, *mean.shape), mean.dtype)
         m = mean.reshape(-1)
-        # Not kept: backward recomputes it from rho per block, unless an optimiser keeps it (kept_spread).
+        # Kept for backward (the draw's and a fused layer's: two softplus passes fewer, ~12 ms of the MLP
+        # benchmark's step) unless recompute_samples asks for memory: then backward recomputes it
+        # from rho per block. An optimiser may keep it already (kept_spread).
         kept = kept_spread(rho)
+        rec = SampleRecompute.active()
+        if kept is None and rec is None and KEEP_SPREAD_FOR_BACKWARD:
+            kept = F.softplus(rho.detach().reshape(-1))
         sd = softplus_scratch(rho.reshape(-1), 5) if kept is None else kept
         lc = _flat(loc)
 
-        def per_block(cols: slice, b: Tensor) -> Tensor | None:
+        # With the log densities and gradients: per weight, the sums over samples of eps and eps^2
+        # (per sample group, summed after), from which backward computes the quad term's gradient
+        # in closed form (see _quad_grads) instead of a pass over every sample.
+        sums = None
+        if lc is not None and keep_sums:
+            sums = m.new_empty((len(sample_groups(lay)), 2, lay.numel))
+
+        def per_block(cols: slice, b: Tensor, i: int, first: bool) -> Tensor | None:
             """``(sum(eps^2), sum((w - loc)^2))`` of one block (with a ``loc``), turning its eps into
             w in place."""
             if lc is None:  # no log densities: nothing to sum (a dot product per block saved)
                 affine_(b, sd[cols], m[cols])
                 return None
             sq = torch.dot(b, b)
+            if sums is not None:
+                e1, e2 = sums[i, 0, cols], sums[i, 1, cols]
+                if first:
+                    e1.copy_(b)
+                    torch.mul(b, b, out=e2)
+                else:
+                    e1.add_(b)
+                    e2.addcmul_(b, b)
             affine_(b, sd[cols], m[cols])
             d = torch.sub(b, lc[cols] if isinstance(lc, Tensor) else lc, out=scratch(b.numel(), b.dtype, 1))
             return torch.stack([sq, torch.dot(d, d)])
 
-        per_chunk = fill(w.view(n, -1), seed, per_block, lay)
+        per_chunk = fill(w.view(n, -1), seed, per_block, lay, grouped=True)
+        if sums is not None and sums.shape[0] > 1:
+            sums = sums.sum(0, keepdim=True)
+        ctx.sums = None if sums is None else sums[0]
         # Backward needs eps again. Where every std is at least RECOVER_RATIO * |mean| (float32 /
         # float64), eps = (w - mean) / std is recovered to ~6e-8 * |w| / std <= 6e-4 relative
         # (in float32; the subtraction is exact); else the blocks are regenerated from their seeds.
@@ -577,10 +760,13 @@ class _MeanFieldDraw(torch.autograd.Function):
             sq = quad = log_std = w.new_zeros(())
         else:
             sq, quad = torch.stack([torch.stack(r) for r in per_chunk]).sum(0).unbind(1)
-            log_std = (sd.log_() if kept is None else sd.log()).sum()
-        rec = SampleRecompute.active()
+            log_std = _log_sum(sd)  # (the same sum with and without recompute_samples)
         if rec is not None and recover:
             rec.register(w, lambda: _draw_values(mean, rho, lay, seed), (mean, rho))
+        if recover and FUSED_WEIGHT_GRADS:
+            # A per-sample linear layer reading w may compute its weight gradient into mean's and
+            # rho's directly (drawn_sample; bayesify._batched): eps is recovered from w as here.
+            _drawn_registry()[w] = Drawn(mean, rho, lay, kept, w._version)
         ctx.save_for_backward(w if recover else None, loc if isinstance(loc, Tensor) else None, mean, rho)
         ctx.loc, ctx.seed, ctx.shape, ctx.lay = (None if isinstance(loc, Tensor) else loc), seed, mean.shape, lay
         ctx.kept = kept  # rho is saved: a write to it before backward raises there, so kept stays valid
@@ -591,7 +777,7 @@ class _MeanFieldDraw(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gw: Tensor | None, gquad: Tensor | None, _gsq: Tensor | None, glog: Tensor | None
-                 ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+                 ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         w, loc_t, mean_t, rho_t = ctx.saved_tensors
         m, rho = mean_t.reshape(-1), rho_t.reshape(-1)
         loc = _flat(loc_t) if loc_t is not None else ctx.loc
@@ -603,10 +789,17 @@ class _MeanFieldDraw(torch.autograd.Function):
         # transpose): blocks read it as row slices, never through a full-size copy.
         g = gw if gw is None or gw.dim() > 1 else gw.view(n, 1)  # a 0-d tensor's samples
         gq2 = None if gquad is None or loc is None else 2 * gquad
-        if flat is not None and n == 1 and gq2 is None and g is not None:
-            return _backward_one(g[0], flat[0], m, rho, glog, lay, ctx.shape, ctx.kept)
+        closed = None  # 2 gquad where it is the same for every sample and the forward kept the sums
+        if gq2 is not None and ctx.sums is not None and bool((gq2 == gq2[0]).all()):
+            closed, gq2 = gq2[0], None
+        if flat is not None and n == 1 and gq2 is None and g is not None and closed is None:
+            return (*_backward_one(g[0], flat[0], m, rho, glog, lay, ctx.shape, ctx.kept), None)
         g_mean = mean_t.new_empty(lay.numel)
         g_rho = mean_t.new_empty(lay.numel)
+
+        # No per-sample term (the layer took the weight gradient, the prior term is closed-form):
+        # no pass over the samples at all.
+        none = g is None and gq2 is None
 
         def accumulate(c: int, samples: range, gm_buf: Tensor, acc_buf: Tensor) -> Tensor:
             """Over ``samples`` of block column ``c``: gm = sum_s t_s, acc = sum_s t_s w_s (kept
@@ -616,6 +809,8 @@ class _MeanFieldDraw(torch.autograd.Function):
             gm, acc = gm_buf[cols], acc_buf[cols]
             first = True  # the first sample writes gm and acc (no zeroing pass before an add)
             sd_c = softplus_scratch(rho[cols], 3) if ctx.kept is None else ctx.kept[cols]
+            if none:
+                samples = range(0)
             loc_c = loc[cols] if isinstance(loc, Tensor) else loc
             for s in samples:
                 # gb: dL/dw_s of this block as a view of the incoming gradient, in its shape
@@ -650,10 +845,13 @@ class _MeanFieldDraw(torch.autograd.Function):
         def finish(c: int, sd_c: Tensor) -> None:
             cols = lay.cols(c)
             gm, acc = g_mean[cols], g_rho[cols]
-            if flat is not None:
+            if flat is not None and not none:
                 # acc = sum_s t_s w_s; sum_s t_s eps_s = (acc - mean * sum_s t_s) / std, accurate to
                 # ~6e-8 |mean| / std relative to sum_s |t_s| in float32 (std >= RECOVER_RATIO |mean|)
                 acc.addcmul_(gm, m[cols], value=-1).div_(sd_c)
+            if closed is not None:
+                _quad_grads(gm, acc, m[cols], sd_c, loc[cols] if isinstance(loc, Tensor) else loc,
+                            ctx.sums[0, cols], ctx.sums[1, cols], n, closed)
             # acc is dL/dstd; dL/drho = (dL/dstd + glog / std) * sigmoid(rho)
             if glog is not None:
                 acc.add_(torch.reciprocal(sd_c, out=scratch(sd_c.numel(), dtype, 2)).mul_(glog))
@@ -671,4 +869,4 @@ class _MeanFieldDraw(torch.autograd.Function):
                 g_rho.add_(acc_i)
             run_parallel([lambda c=c: finish(c, softplus_scratch(rho[lay.cols(c)], 3) if ctx.kept is None
                                              else ctx.kept[lay.cols(c)]) for c in range(lay.chunks)])
-        return g_mean.view(ctx.shape), g_rho.view(ctx.shape), None, None, None
+        return g_mean.view(ctx.shape), g_rho.view(ctx.shape), None, None, None, None

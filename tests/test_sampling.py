@@ -684,9 +684,11 @@ def test_per_sample_linear_equals_vmapped_f_linear(in_dims):
 
 def test_linear_weight_gradients_reach_the_draws_contiguous(monkeypatch):
     # vmapped F.linear hands its weight gradient over as a transpose; the draws' backward then
-    # reads every sample through a strided copy. VILinear's own rule returns it contiguous.
+    # reads every sample through a strided copy. VILinear's own rule returns it contiguous
+    # (where the layer does not take the draw's gradients itself: _normal.FUSED_WEIGHT_GRADS).
     from bayesify import _normal
 
+    monkeypatch.setattr(_normal, "FUSED_WEIGHT_GRADS", False)
     seen = []
     backward = _normal._MeanFieldDraw.backward
 
