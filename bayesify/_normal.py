@@ -284,7 +284,8 @@ def meanfield_draw(mean: Tensor, rho: Tensor, loc: Tensor | float | None, n: int
     grad = torch.is_grad_enabled() and (mean.requires_grad or rho.requires_grad)
     if not grad and loc is None:
         return _draw_values(mean, rho, lay, seed, pooled=True), None, None, None
-    _LOCAL.pool = None  # a training draw: the eval samples' memory goes back (its own pool below)
+    if not POOL_TRAINING_DRAWS:
+        _LOCAL.pool = None  # a training draw: the eval samples' memory goes back
     w, quad, sq, log_std = _MeanFieldDraw.apply(mean, rho, loc, lay, seed, grad and CLOSED_FORM_QUAD)
     return (w, None, None, None) if loc is None else (w, quad, sq, log_std)
 
@@ -388,11 +389,11 @@ def affine_(eps: Tensor, std: Tensor, mean: Tensor) -> Tensor:
     return torch.addcmul(mean, eps, std, out=eps)
 
 
-#: Eval draws on this thread keep the memory of their samples, up to this many bytes, for the next
-#: eval draw of the same shapes once nothing else holds it: fresh memory page-faults on CPU (an
-#: eval forward of ResNet-18 with 10 samples writes 450 MB of samples; freshly allocated, that
-#: costs ~145 ms CPU more than rewriting kept memory). A training draw on the thread lets it go;
-#: 0 turns the pool off.
+#: Draws on this thread keep the memory of their samples, up to this many bytes, for the next draw
+#: of the same shapes once nothing else holds it: fresh memory page-faults on CPU (an eval forward
+#: of ResNet-18 with 10 samples writes 450 MB of samples; freshly allocated, that costs ~145 ms CPU
+#: more than rewriting kept memory). Training draws too (:data:`POOL_TRAINING_DRAWS`): a training
+#: draw that finds no memory of its shape lets the kept memory of other shapes go; 0 turns the pool off.
 SAMPLE_POOL_BYTES = 512 << 20
 
 
@@ -418,56 +419,55 @@ def _refs(t: Tensor) -> int:
 _POOL_REFS = _pool_refs()
 
 
-def _pooled_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``torch.empty(shape, dtype)``, in memory an earlier eval draw of this thread let go where
-    there is some (see :data:`SAMPLE_POOL_BYTES`)."""
+def _pooled_empty(shape: tuple[int, ...], dtype: torch.dtype, training: bool = False) -> Tensor:
+    """``torch.empty(shape, dtype)``, in memory an earlier draw of this thread let go where there is
+    some (see :data:`SAMPLE_POOL_BYTES`). ``training``: a new tensor on that memory, never the pool's
+    own (autograd records the sample; the pool must not keep its graph alive); on a miss, kept
+    memory of other shapes that nothing holds goes back first."""
     pool = getattr(_LOCAL, "pool", None)
-    _LOCAL.train_pool = None  # an eval draw: the training samples' memory goes back
     if pool is None:
         pool = _LOCAL.pool = {"bytes": 0, "free": {}}
-    kept = pool["free"].setdefault((shape, dtype), [])
+    key = (shape, dtype)
+    kept = pool["free"].setdefault(key, [])
     for t in kept:
         if _unshared(t):
-            return t
+            return _alias(t) if training else t
+    if training:
+        _let_go_others(pool, key)
     out = torch.empty(shape, dtype=dtype)
     size = out.numel() * out.element_size()
     if pool["bytes"] + size <= SAMPLE_POOL_BYTES:
         pool["bytes"] += size
         kept.append(out)
+        return _alias(out) if training else out
     return out
 
 
-#: Training draws on this thread keep the memory of their samples, up to this many bytes, for the
-#: next training draw of the same size once autograd has let it go (after backward): the samples of
-#: a layer take more than glibc's largest heap block (32 MB), so each step otherwise maps them afresh
-#: and page-faults every page (the MLP benchmark's 96 MB of samples per step: ~25 ms of one core).
-#: An eval draw on the thread lets it go; 0 turns it off.
-TRAIN_POOL_BYTES = 512 << 20
+def _alias(t: Tensor) -> Tensor:
+    """A new tensor on ``t``'s memory, same shape (not a view: no ``_base``)."""
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, t.shape)
 
 
-def _train_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``torch.empty(shape, dtype)`` for a training draw: a new tensor on memory kept from an earlier
-    training draw of this thread that nothing holds any more (its storage used only by the pool),
-    else fresh memory, kept for the next draw within :data:`TRAIN_POOL_BYTES`. The pool holds the
-    storage through its own plain tensor, never the sample (nor, through it, its autograd node)."""
-    numel = math.prod(shape)
-    pool = getattr(_LOCAL, "train_pool", None)
-    if TRAIN_POOL_BYTES <= 0:
-        _LOCAL.train_pool = None
-        return torch.empty(shape, dtype=dtype)
-    if pool is None:
-        pool = _LOCAL.train_pool = {"bytes": 0, "free": {}}
-    kept = pool["free"].setdefault((numel, dtype), [])
-    for t in kept:
-        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2 and t._use_count() == 1:
-            return torch.empty(0, dtype=dtype).set_(t.untyped_storage(), 0, shape)
-    size = numel * torch.empty(0, dtype=dtype).element_size()
-    if pool["bytes"] + size > TRAIN_POOL_BYTES:
-        return torch.empty(shape, dtype=dtype)
-    t = torch.empty(numel, dtype=dtype)
-    pool["bytes"] += size
-    kept.append(t)
-    return torch.empty(0, dtype=dtype).set_(t.untyped_storage(), 0, shape)
+def _let_go_others(pool: dict[str, Any], key: tuple) -> None:
+    """Drop the pool's memory of shapes other than ``key`` that nothing holds."""
+    for k, kept in pool["free"].items():
+        if k == key:
+            continue
+        keep = []
+        for t in kept:
+            if _unshared(t):
+                pool["bytes"] -= t.numel() * t.element_size()
+            else:
+                keep.append(t)
+        kept[:] = keep
+
+
+#: Training draws take their samples' memory from the same pool (False: fresh memory each draw, and
+#: a training draw lets the pool go, as before; the A/B partner): a layer's samples take more than
+#: glibc's largest heap block (32 MB), so each step otherwise maps them afresh and page-faults every
+#: page (the MLP benchmark's 96 MB of samples per step: ~25 ms of one core). Training and eval draws
+#: of one model share it (the same shapes).
+POOL_TRAINING_DRAWS = True
 
 
 def _draw_values(mean: Tensor, rho: Tensor, lay: Layout, seed: int, pooled: bool = False) -> Tensor:
@@ -710,7 +710,8 @@ class _MeanFieldDraw(torch.autograd.Function):
     def forward(ctx: Any, mean: Tensor, rho: Tensor, loc: Tensor | float | None, lay: Layout, seed: int,
                 keep_sums: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n = lay.n
-        w = _train_empty((n, *mean.shape), mean.dtype)
+        shape = (n, *mean.shape)
+        w = _pooled_empty(shape, mean.dtype, training=True) if POOL_TRAINING_DRAWS else torch.empty(shape, dtype=mean.dtype)
         m = mean.reshape(-1)
         # Kept for backward (the draw's and a fused layer's: two softplus passes fewer, ~12 ms of the MLP
         # benchmark's step) unless recompute_samples asks for memory: then backward recomputes it

@@ -368,6 +368,17 @@ class PreviousEvalRunner(BayesifyRunner):
             yield
 
 
+class PreviousTrainRunner(BayesifyRunner):
+    """The A/B partner of ``bayesify`` for the train step: as before the fused weight gradients,
+    interleaved with it in the same run: per-sample linear layers hand the ``(S, out, in)`` weight
+    gradient to the draws' backward, the prior term's gradient takes a pass over every sample, the
+    samples take fresh memory each step and backward recomputes ``softplus(rho)``."""
+
+    def setting(self) -> Any:
+        return _patched("bayesify._normal", FUSED_WEIGHT_GRADS=False, CLOSED_FORM_QUAD=False, POOL_TRAINING_DRAWS=False,
+                        KEEP_SPREAD_FOR_BACKWARD=False)
+
+
 class RecomputeRunner(BayesifyRunner):
     """The default conversion trained with ``recompute_samples=True`` (no weight sample kept for backward)."""
 
@@ -471,6 +482,10 @@ CONTENDERS = [
     Contender("bayesify, previous eval", _bayesify(None), PreviousEvalRunner,
               "bf.bayesify(model) with bf.predict drawing the weights per batch and PyTorch's eval BatchNorm rule "
               "and mul_ + add_ for mean + std * eps in fresh memory (the eval path before this branch)"),
+    Contender("bayesify, previous train step", _bayesify(None), PreviousTrainRunner,
+              "bf.bayesify(model) with the (S, out, in) linear weight gradients through the draws' backward, the "
+              "prior term's gradient per sample, fresh sample memory each step and softplus(rho) recomputed "
+              "(the train step before the fused weight gradients)"),
     Contender("bayesify recompute", _bayesify(None), RecomputeRunner,
               "bf.bayesify(model), forward with recompute_samples=True"),
     Contender("bayesify local", _bayesify("local"), BayesifyRunner, "estimator='local'"),

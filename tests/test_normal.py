@@ -217,10 +217,16 @@ def test_eval_draws_reuse_memory_nothing_holds_and_keep_values(pool):
     del view
     again = _eval_draw(mean, rho, 1)
     assert again.data_ptr() == ptr and torch.equal(again, kept)  # reused, the same values as fresh memory
-    # a training draw lets the kept memory go
+    # a training draw takes it too, as a tensor of its own (the pool's never gets a grad_fn)
     del again
-    meanfield_draw(mean.requires_grad_(), rho, 0.0, 4, None, seed=1)
-    assert _normal._LOCAL.pool is None
+    w = meanfield_draw(mean.requires_grad_(), rho, 0.0, 4, None, seed=1)[0]
+    assert w.data_ptr() == ptr and w.grad_fn is not None
+    assert all(t.grad_fn is None for kept in _normal._LOCAL.pool["free"].values() for t in kept)
+    # one that finds no memory of its shape lets the kept memory of other shapes go
+    del w
+    meanfield_draw(torch.randn(3, 2, requires_grad=True), torch.randn(3, 2), 0.0, 4, None, seed=1)
+    left = _normal._LOCAL.pool["free"][((4, 7, 5), torch.float32)]
+    assert len(left) == 1 and left[0] is held  # the one still held stays
 
 
 def test_eval_draws_keep_at_most_the_pool_budget(pool):
