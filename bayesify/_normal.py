@@ -422,12 +422,14 @@ _POOL_REFS = _pool_refs()
 def _pooled_empty(shape: tuple[int, ...], dtype: torch.dtype, training: bool = False) -> Tensor:
     """``torch.empty(shape, dtype)``, in memory an earlier draw of this thread let go where there is
     some (see :data:`SAMPLE_POOL_BYTES`). ``training``: a new tensor on that memory, never the pool's
-    own (autograd records the sample; the pool must not keep its graph alive); on a miss, kept
-    memory of other shapes that nothing holds goes back first."""
+    own (autograd records the sample; the pool must not keep its graph alive); kept memory that
+    nothing holds goes back first where its sample count differs, and on a miss all of other shapes."""
     pool = getattr(_LOCAL, "pool", None)
     if pool is None:
         pool = _LOCAL.pool = {"bytes": 0, "free": {}}
     key = (shape, dtype)
+    if training:  # kept memory of another sample count (bf.predict's 100 samples) goes back
+        _let_go_others(pool, key, lambda k: k[0][:1] != shape[:1])
     kept = pool["free"].setdefault(key, [])
     for t in kept:
         if _unshared(t):
@@ -448,10 +450,10 @@ def _alias(t: Tensor) -> Tensor:
     return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, t.shape)
 
 
-def _let_go_others(pool: dict[str, Any], key: tuple) -> None:
-    """Drop the pool's memory of shapes other than ``key`` that nothing holds."""
+def _let_go_others(pool: dict[str, Any], key: tuple, which: Callable[[tuple], bool] | None = None) -> None:
+    """Drop the pool's memory of shapes other than ``key`` (those ``which`` selects) that nothing holds."""
     for k, kept in pool["free"].items():
-        if k == key:
+        if k == key or (which is not None and not which(k)):
             continue
         keep = []
         for t in kept:

@@ -227,6 +227,12 @@ def test_eval_draws_reuse_memory_nothing_holds_and_keep_values(pool):
     meanfield_draw(torch.randn(3, 2, requires_grad=True), torch.randn(3, 2), 0.0, 4, None, seed=1)
     left = _normal._LOCAL.pool["free"][((4, 7, 5), torch.float32)]
     assert len(left) == 1 and left[0] is held  # the one still held stays
+    # another sample count (bf.predict's) goes back at any training draw, hit or miss
+    _eval_draw(torch.randn(3, 2), torch.randn(3, 2), 0)  # (4, 3, 2), let go at once
+    with torch.no_grad():
+        meanfield_draw(torch.randn(3, 2), torch.randn(3, 2), None, 9, None, seed=1)  # (9, 3, 2)
+    meanfield_draw(torch.randn(3, 2, requires_grad=True), torch.randn(3, 2), 0.0, 4, None, seed=1)
+    assert not _normal._LOCAL.pool["free"][((9, 3, 2), torch.float32)]
 
 
 def test_eval_draws_keep_at_most_the_pool_budget(pool):
