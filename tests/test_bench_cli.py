@@ -158,3 +158,16 @@ def test_predict_column_runs_in_the_bench_process(bench):
     assert res["predict_batches"] == 2
     for name, c in res["predict"].items():
         assert c.error is None and len(c.times) == 1 and c.times[0] > 0, name
+
+
+def test_previous_train_step_partner_runs_and_restores_the_switches(bench):
+    """``bayesify, previous train step``: the train step with the four switches of ``bayesify._normal``
+    off, interleaved with ``bayesify``; the switches are back on after each call."""
+    from bayesify import _normal
+
+    res = bench.bench_workload(bench.WORKLOADS["mlp"], [c for c in bench.CONTENDERS if c.name in (
+        "point (10xB)", "ref: point + weight noise", "bayesify", "bayesify, previous train step")], 1, True)
+    for name, c in res["train"].items():
+        assert c.error is None and len(c.times) == 1 and c.times[0] > 0, name
+    assert _normal.FUSED_WEIGHT_GRADS and _normal.CLOSED_FORM_QUAD and _normal.POOL_TRAINING_DRAWS
+    assert _normal.KEEP_SPREAD_FOR_BACKWARD
