@@ -297,8 +297,10 @@ TRIMS = [(1, 1, 3, 1, 1, 1, (1, 1)), (2, 2, 3, 2, 1, 1, (2, 2)), (1, 1, 3, 1, 2,
          (4, 4, 3, 2, 1, 1, (3, 3)), (2, 2, 3, 1, 2, 2, (1, 1))]
 
 
+@pytest.mark.parametrize("by_function", [True, False], ids=["kept-taps-function", "strided-view"])
 @pytest.mark.parametrize("trim", TRIMS)
-def test_trimming_the_padding_taps_keeps_outputs_and_gradients(monkeypatch, trim):
+def test_trimming_the_padding_taps_keeps_outputs_and_gradients(monkeypatch, trim, by_function):
+    monkeypatch.setattr(_batched, "TRIM_BY_FUNCTION", by_function)
     h, w_, k, stride, padding, dilation, kept = trim
     geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
     g = _gen(3)
@@ -333,3 +335,38 @@ def test_trimming_keeps_the_full_kernel_where_most_taps_remain():
     assert _batched.trim_padding_taps((2, 2), w, geo)[0] is w  # 2x2 of 3x3 taps: not worth the copy
     tw, tgeo = _batched.trim_padding_taps((1, 1), w, ((1, 1), (1, 1), (1, 1)))  # the centre tap alone
     assert tw.shape[-2:] == (1, 1) and tgeo[1] == (0, 0)
+
+
+@pytest.mark.parametrize("trim", TRIMS)
+def test_the_kept_taps_function_equals_the_strided_view_bit_for_bit(monkeypatch, trim):
+    """``_KeptTaps`` (a contiguous copy; backward pads the gradient) against the strided view it
+    replaced (autograd's slice backwards): the same outputs and every gradient, through the whole
+    rule with each kernel forced, and a double backward through the trim."""
+    h, w_, k, stride, padding, dilation, _ = trim
+    geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
+    g = _gen(4)
+    kh, kw = _batched._pair(k)
+    x = torch.randn(2, 4, h, w_, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, kh, kw, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(_batched, "TRIM_MAX_KEPT_INVERSE", 1)
+    results, chooser = [], _batched.conv2d_kernel
+    for by_function in (False, True):
+        monkeypatch.setattr(_batched, "TRIM_BY_FUNCTION", by_function)
+        tw, _ = _batched.trim_padding_taps((h, w_), w, geo)
+        assert tw.is_contiguous() == by_function or tw.shape == w.shape
+        (gw,) = torch.autograd.grad(tw, w, torch.ones_like(tw), create_graph=True)
+        (ggw,) = torch.autograd.grad((gw * gw).sum() + (tw * tw).sum(), w)
+        per_kernel = []
+        for kernel in ("conv", "gemm", "loop"):
+            monkeypatch.setattr(_batched, "conv2d_kernel", lambda *args, kernel=kernel: kernel)
+            out = torch.vmap(lambda q, r: _batched.SampleConv2d.apply(x, q, r, *geo))(w, b)
+            up = torch.randn(out.shape, generator=_gen(5), dtype=torch.float64)
+            per_kernel.append((out, *torch.autograd.grad(out, [x, w, b], up)))
+        monkeypatch.setattr(_batched, "conv2d_kernel", chooser)
+        results.append((tw, gw, ggw, per_kernel))
+    (tw0, gw0, ggw0, k0), (tw1, gw1, ggw1, k1) = results
+    assert torch.equal(tw0, tw1) and torch.equal(gw0, gw1) and torch.equal(ggw0, ggw1)
+    for a, e in zip(k1, k0):
+        for t1, t0 in zip(a, e):
+            assert torch.equal(t1, t0)
