@@ -354,10 +354,14 @@ class PreviousConvPathRunner(BayesifyRunner):
     """``bayesify`` with its per-sample convolution path as before issue 18's ResNet-18 work (branch
     i18-resnet): the kept taps of a trimmed kernel as a strided view (autograd's slice backwards,
     ``bayesify._batched.TRIM_BY_FUNCTION = False``), the GEMM over ``F.unfold``'s columns
-    (``GEMM_ROWS = False``): its A/B partner, interleaved in the same run."""
+    (``GEMM_ROWS = False``), training-mode BatchNorm through PyTorch's batching rule
+    (``bayesify._vmap_rules.TRAIN_BATCHNORM_FOLD = False``): its A/B partner, interleaved in the same run."""
 
+    @contextlib.contextmanager
     def setting(self) -> Any:
-        return _patched("bayesify._batched", TRIM_BY_FUNCTION=False, GEMM_ROWS=False)
+        with _patched("bayesify._batched", TRIM_BY_FUNCTION=False, GEMM_ROWS=False), \
+                _patched("bayesify._vmap_rules", TRAIN_BATCHNORM_FOLD=False):
+            yield
 
 
 def _mul_add_(eps: torch.Tensor, std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -480,7 +484,7 @@ CONTENDERS = [
               "bf.bayesify(model) with small-map convolutions over the full kernel (taps meeting only padding kept)"),
     Contender("bayesify, previous conv path", _bayesify(None), PreviousConvPathRunner,
               "bf.bayesify(model) with the per-sample convolution path before the i18-resnet changes "
-              "(trimmed taps as a strided view, the GEMM over F.unfold's columns)"),
+              "(trimmed taps as a strided view, the GEMM over F.unfold's columns, PyTorch's training BatchNorm rule)"),
     Contender("bayesify, previous eval", _bayesify(None), PreviousEvalRunner,
               "bf.bayesify(model) with bf.predict drawing the weights per batch and PyTorch's eval BatchNorm rule "
               "and mul_ + add_ for mean + std * eps in fresh memory (the eval path before this branch)"),
