@@ -371,3 +371,59 @@ def test_the_kept_taps_function_equals_the_strided_view(monkeypatch, trim):
     for a, e in zip(k1, k0):  # the kernels read a contiguous kernel now: the same up to summation order
         for t1, t0 in zip(a, e):
             torch.testing.assert_close(t1, t0, rtol=1e-12, atol=1e-12)
+
+
+# (C, H, W, kernel, stride, padding, dilation): the GEMM's geometries, with and without padding, strided,
+# dilated, asymmetric; maps where some taps meet only padding and where a tap meets none
+ROWS_GEOMETRIES = [(4, 2, 2, 3, 1, 1, 1), (4, 2, 2, 3, 2, 1, 1), (3, 4, 4, 3, 2, 1, 1), (3, 4, 4, 1, 2, 0, 1),
+                   (2, 1, 1, 1, 1, 0, 1), (3, 3, 5, (3, 2), (1, 2), (2, 0), (2, 1)), (2, 5, 4, 3, 1, 0, 1),
+                   (2, 2, 3, 5, 1, 2, 1), (2, 1, 1, 3, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shared_x", [False, True])
+@pytest.mark.parametrize("geometry", ROWS_GEOMETRIES)
+def test_rows_gemm_equals_the_columns_gemm(geometry, shared_x, channels_last):
+    """The GEMM over rows unfolded per tap (``_BatchedConv2dGemmRows``, ``_rows`` / ``_fold_rows``)
+    against the previous GEMM over ``F.unfold``'s columns and against ``F.conv2d`` per sample:
+    outputs and every gradient (float64), per-sample or shared input, contiguous or channels_last."""
+    c, h, w_, k, stride, padding, dilation = geometry
+    geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
+    kh, kw = _batched._pair(k)
+    g = _gen(6)
+    s, n, o = 3, 2, 5
+    x = torch.randn(*(() if shared_x else (s,)), n, c, h, w_, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.flatten(0, -4).contiguous(memory_format=torch.channels_last).view(x.shape)
+    x.requires_grad_()
+    w = torch.randn(s, o, c, kh, kw, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(s, o, generator=g, dtype=torch.float64, requires_grad=True)
+    rows, (ho, wo) = _batched._rows(x, w.shape, *geo)
+    cols, _ = _batched._columns(x, w.shape, *geo)
+    assert torch.equal(rows, cols.transpose(-1, -2))
+    got = _batched._BatchedConv2dGemmRows.apply(x, w, b, *geo)
+    want = _batched._BatchedConv2dGemm.apply(x, w, b, *geo)
+    ref = torch.stack([F.conv2d(x if shared_x else x[i], w[i], b[i], *geo) for i in range(s)])
+    assert got.shape == want.shape == ref.shape == (s, n, o, ho, wo) and got.is_contiguous()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, ref)
+    up = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    for a, e, r in zip(torch.autograd.grad(got, [x, w, b], up), torch.autograd.grad(want, [x, w, b], up),
+                       torch.autograd.grad(ref, [x, w, b], up)):
+        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(a, r)
+
+
+def test_rows_gemm_output_may_be_modified_in_place():
+    """A 1x1 output map (the permuted product is contiguous already) still comes back as a fresh
+    tensor: an in-place ReLU after the convolution, as models write it, and its gradient."""
+    g = _gen(7)
+    x = torch.randn(3, 2, 4, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    geo = ((1, 1), (1, 1), (1, 1))
+    out = _batched._BatchedConv2dGemmRows.apply(x, w, None, *geo)
+    assert out._base is None
+    out.relu_().sum().backward()
+    ref = torch.stack([F.conv2d(x[i], w[i], None, *geo) for i in range(3)]).relu()
+    torch.testing.assert_close(out, ref)
+    assert x.grad is not None and w.grad is not None
