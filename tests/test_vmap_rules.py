@@ -364,6 +364,8 @@ class _TrainBNs(nn.Module):
         self.bn = nn.BatchNorm2d(6)
         self.bn_plain = nn.BatchNorm2d(6, affine=False, momentum=0.3)
         self.bn_untracked = nn.BatchNorm2d(6, track_running_stats=False)
+        self.small = nn.Conv2d(6, 6, 3, stride=3, padding=1)  # 2x2 output: the GEMM kernel, samples first
+        self.bn_small = nn.BatchNorm2d(6)
         self.bn1d_seq = nn.BatchNorm1d(6)
         self.bn1d = nn.BatchNorm1d(6)
         self.fc = nn.Linear(6, 4)
@@ -371,6 +373,7 @@ class _TrainBNs(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.bn(self.conv(x)), inplace=True)
         h = self.bn_untracked(self.bn_plain(h)).relu_()
+        h = h + F.interpolate(self.bn_small(self.small(h)), size=h.shape[-2:])
         h = self.bn1d_seq(h.flatten(2)).mean(2)
         return self.fc(self.bn1d(h))
 
@@ -384,7 +387,7 @@ def test_training_batchnorm_folds_the_samples_and_matches_pytorchs_rule(dtype: t
 
     torch.manual_seed(0)
     point = _TrainBNs().to(dtype)
-    for bn in (point.bn, point.bn1d, point.bn1d_seq):
+    for bn in (point.bn, point.bn1d, point.bn1d_seq, point.bn_small):
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
         bn.weight.data.uniform_(0.5, 1.5)
@@ -403,13 +406,14 @@ def test_training_batchnorm_folds_the_samples_and_matches_pytorchs_rule(dtype: t
         monkeypatch.setattr(_vmap_rules, "TRAIN_BATCHNORM_FOLD", fold)
         bnn = bf.bayesify(copy.deepcopy(point), variational=bf.variational.MeanFieldNormal(init_std=0.1)).train()
         out = bnn(x, samples=4, generator=torch.Generator().manual_seed(1))
+        assert bnn._vmap_failure is None  # vmapped, not the per-sample loop
         out.square().sum().backward()
         return out, [p.grad for p in bnn.parameters()], {k: v.clone() for k, v in bnn.state_dict().items()}
 
     out, grads, state = run(True)
-    assert len(folded) == 5
+    assert len(folded) == 6
     ref, ref_grads, ref_state = run(False)
-    assert len(folded) == 5
+    assert len(folded) == 6
     # float32: a conv bias before a BatchNorm has a zero gradient in exact arithmetic, ~1e-4 in rounding
     tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-3}
     torch.testing.assert_close(out, ref, **tol)
