@@ -21,6 +21,7 @@ from ._normal import drawn_sample, weight_grads_by_rows
 from ._rank1 import rank1_factors
 
 __all__ = ["PointModelError", "SampleLinear", "SampleConv2d", "SampleAttention", "SampleBatchNorm",
+           "SampleBatchNormTrain",
            "conv2d_by_gemm", "conv2d_gemm",
            "conv2d_kernel", "kernels_apply"]
 
@@ -288,7 +289,7 @@ def conv2d_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, pad
     """``F.conv2d(x, weight, bias, ...)`` (``x`` ``(N, C, H, W)``, ``groups=1``) as one GEMM over
     the unfolded input: what the vmap rule below runs for one weight over every sample's batch
     (and ``benchmarks/bench.py``'s point-model reference with the same kernels)."""
-    return _BatchedConv2dGemm.apply(x, weight[None], bias, _pair(stride), _pair(padding), _pair(dilation))[0]
+    return _gemm_function().apply(x, weight[None], bias, _pair(stride), _pair(padding), _pair(dilation))[0]
 
 
 def kernels_apply(x: Tensor) -> bool:
@@ -394,9 +395,38 @@ def trim_padding_taps(hw: Any, w: Tensor, geometry: tuple) -> tuple[Tensor, tupl
     kept = (spans[0][1] - spans[0][0] + 1) * (spans[1][1] - spans[1][0] + 1)
     if kept * TRIM_MAX_KEPT_INVERSE > w.shape[-2] * w.shape[-1]:
         return w, geometry
-    (r0, r1), (c0, c1) = spans
     padding = tuple(p - lo * d for p, (lo, _), d in zip(padding, spans, dilation))
-    return w[..., r0:r1 + 1, c0:c1 + 1], (stride, padding, dilation)
+    if not TRIM_BY_FUNCTION:  # the previous path: a strided view, autograd's two slice backwards
+        (r0, r1), (c0, c1) = spans
+        return w[..., r0:r1 + 1, c0:c1 + 1], (stride, padding, dilation)
+    return _KeptTaps.apply(w, tuple(spans)), (stride, padding, dilation)
+
+
+#: Whether :func:`trim_padding_taps` takes the kept taps by :class:`_KeptTaps` (one contiguous copy;
+#: backward writes their gradient into one zeroed full-kernel gradient) or, as before, as the view
+#: ``w[..., r0:r1, c0:c1]`` (autograd's slice backward: a zeroed full-size tensor per sliced dim,
+#: each copied into, and every kernel call reading the strided view again). The A/B switch.
+TRIM_BY_FUNCTION = True
+
+
+class _KeptTaps(torch.autograd.Function):
+    """``w[..., r0:r1 + 1, c0:c1 + 1]`` of a kernel ``w`` ``(..., kh, kw)`` as a contiguous tensor
+    (``spans`` ``((r0, r1), (c0, c1))``); its backward writes the incoming gradient into one zeroed
+    full-kernel gradient (``F.pad``: one allocation, zeros and values written in one pass). Autograd's
+    slices made two full-size zeroed tensors for the two sliced dims and copied twice, and the kernels
+    read the strided view once per use (forward and backward, per sample): ResNet-18's three 3x3
+    512-channel convolutions on 1x1 maps, 10 samples, 32x32 inputs: see docs/performance.md."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, spans: tuple) -> Tensor:
+        (r0, r1), (c0, c1) = spans
+        kh, kw = w.shape[-2:]
+        ctx.pad = (c0, kw - 1 - c1, r0, kh - 1 - r1)
+        return w[..., r0:r1 + 1, c0:c1 + 1].clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        return F.pad(g, ctx.pad), None
 
 
 def _conv2d_loop_over_samples(xs: Tensor, w: Tensor, b: Tensor | None, x_shared: bool, b_shared: bool,
@@ -422,7 +452,7 @@ def _conv2d_gemm_over_samples(xs: Tensor, w: Tensor, b: Tensor | None, w_shared:
         return out.view(*xs.shape[:-3], *out.shape[1:])
     if unbatched:
         xs = xs.unsqueeze(-4)
-    out = _BatchedConv2dGemm.apply(xs, w, b, *geometry)
+    out = _gemm_function().apply(xs, w, b, *geometry)
     return out.squeeze(1) if unbatched else out
 
 
@@ -547,6 +577,128 @@ class _BatchedConv2dGemm(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+#: Whether the GEMM kernel unfolds its inputs as rows ``(S, N Ho Wo, C kh kw)`` (one strided copy of
+#: the padded input; :class:`_BatchedConv2dGemmRows`) or, as before, as columns ``(S, C kh kw, N Ho Wo)``
+#: (``F.unfold`` per image, then a transposing copy; :class:`_BatchedConv2dGemm`). The A/B switch.
+GEMM_ROWS = True
+
+
+def _gemm_function() -> type[torch.autograd.Function]:
+    return _BatchedConv2dGemmRows if GEMM_ROWS else _BatchedConv2dGemm
+
+
+def _taps(hw: Any, kernel: Any, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+          out: tuple[int, int]) -> list[tuple[int, int, slice, slice, slice, slice]]:
+    """For each kernel tap ``(i, j)`` that meets real input somewhere: the output positions where it
+    does (row and column slices of the ``(Ho, Wo)`` map) and the input positions it meets there."""
+    spans = []
+    for n, k, st, p, d, o in zip(hw, kernel, stride, padding, dilation, out):
+        per_tap = []
+        for t in range(k):
+            hits = [a for a in range(o) if 0 <= a * st - p + t * d < n]
+            if hits:
+                first = hits[0] * st - p + t * d
+                per_tap.append((t, slice(hits[0], hits[-1] + 1), slice(first, first + (hits[-1] - hits[0]) * st + 1, st)))
+        spans.append(per_tap)
+    return [(i, j, oi, oj, xi, xj) for i, oi, xi in spans[0] for j, oj, xj in spans[1]]
+
+
+def _rows(x: Tensor, w_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
+          dilation: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """The unfolded input as GEMM rows: ``(N L, K)`` for a shared ``x`` ``(N, C, H, W)``, else
+    ``(S, N L, K)`` (``K = C kh kw`` in ``(c, i, j)`` order, as the weight's ``(O, K)`` view; ``L = Ho Wo``),
+    and ``(Ho, Wo)``, for ``x`` in any memory layout. Without padding a strided view of ``x`` (one copy,
+    or none); with padding zeros and one copy per kernel tap of the input it meets. ``F.unfold`` loops
+    per image and channel and its ``(N, K, L)`` output needs a transposing copy; padding the input
+    first costs a copy of the padded map (ResNet-18's 256-channel 2x2 maps, 10 x 32 images, one
+    thread: unfold + transpose 15.6 ms, pad + strided view 9.5 ms, per tap 3.7 ms)."""
+    c, kh, kw = w_shape[-3:]
+    h, wd = x.shape[-2:]
+    ho, wo = _output_size((h, wd), (kh, kw), stride, padding, dilation)
+    n_rows = ho * wo * x.shape[-4]
+    if not any(padding):
+        *lead, sc, sh, sw = x.stride()
+        view = x.as_strided((*x.shape[:-3], ho, wo, c, kh, kw),
+                            (*lead, sh * stride[0], sw * stride[1], sc, sh * dilation[0], sw * dilation[1]),
+                            x.storage_offset())
+    else:
+        view = x.new_zeros(*x.shape[:-3], ho, wo, c, kh, kw)
+        xt = x.movedim(-3, -1)  # (..., H, W, C)
+        for i, j, oi, oj, xi, xj in _taps((h, wd), (kh, kw), stride, padding, dilation, (ho, wo)):
+            view[..., oi, oj, :, i, j] = xt[..., xi, xj, :]
+    return view.reshape(n_rows, c * kh * kw) if x.dim() == 4 else view.reshape(x.shape[0], n_rows, -1), (ho, wo)
+
+
+def _fold_rows(drows: Tensor, x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: tuple[int, int],
+               padding: tuple[int, int], dilation: tuple[int, int], out: tuple[int, int]) -> Tensor:
+    """The adjoint of :func:`_rows`: the rows' gradient ``drows`` summed back onto the input
+    ``x_shape``, one strided add per kernel tap (``F.fold``: col2im per image after a transposing
+    copy; ResNet-18's 2x2 maps 11.5 ms against 2.9 ms)."""
+    c, kh, kw = w_shape[-3:]
+    d = drows.view(*x_shape[:-3], *out, c, kh, kw)
+    gx = drows.new_zeros(x_shape)
+    gt = gx.movedim(-3, -1)
+    for i, j, oi, oj, xi, xj in _taps(x_shape[-2:], (kh, kw), stride, padding, dilation, out):
+        gt[..., xi, xj, :] += d[..., oi, oj, :, i, j]
+    return gx
+
+
+class _BatchedConv2dGemmRows(torch.autograd.Function):
+    """:class:`_BatchedConv2dGemm` over the unfolded input as rows (:func:`_rows`): the products
+    ``rows @ w^T`` (forward), ``g^T @ rows`` (weight gradient) and ``g @ w`` (the rows' gradient, folded
+    back by :func:`_fold_rows`) with ``g`` ``(S, N L, O)``. Keeps the unfolded rows (not ``x``) for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+        s, o = w.shape[:2]
+        shared = x.dim() == 4
+        n, hw = x.shape[-4], x.shape[-2:]
+        rows, (ho, wo) = _rows(x, w.shape, stride, padding, dilation)  # (N L, K) or (S, N L, K)
+        if shared:
+            out = (rows @ w.reshape(s * o, -1).T).view(n, ho, wo, s, o).permute(3, 0, 4, 1, 2)
+        else:
+            out = torch.bmm(rows, w.reshape(s, o, -1).transpose(1, 2)).view(s, n, ho, wo, o).permute(0, 1, 4, 2, 3)
+        # A fresh contiguous tensor, never a view of the product (callers modify it in place)
+        out = out.contiguous()
+        if out._base is not None:  # already contiguous (one output position): still the product's view
+            out = out.clone()
+        if b is not None:
+            out.add_(b[:, None, :, None, None] if b.dim() == 2 else b[:, None, None])
+        # The rows, not x, for the weight gradient: unfolding again in backward cost as much as the
+        # forward's copy, for memory of at most kh kw Ho Wo / (H W) times x's (these maps are small)
+        ctx.save_for_backward(rows if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        ctx.geometry = (tuple(x.shape), tuple(w.shape), stride, padding, dilation, shared, n, tuple(hw), (ho, wo))
+        ctx.bias_dim = None if b is None else b.dim()
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        rows, w = ctx.saved_tensors
+        x_shape, w_shape, stride, padding, dilation, shared, n, hw, (ho, wo) = ctx.geometry
+        s, o, c, kh, kw = w_shape
+        k, L = c * kh * kw, ho * wo
+        gr = g.view(s, n, o, L).transpose(2, 3).reshape(s, n * L, o)  # (S, N L, O)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[1]:
+            if shared:  # (S O, N L) @ (N L, K)
+                gw = (gr.transpose(0, 1).reshape(n * L, s * o).T @ rows).view(w_shape)
+            else:
+                gw = torch.bmm(gr.transpose(1, 2), rows).view(w_shape)
+        if ctx.needs_input_grad[0]:
+            if shared:  # (N L, S O) @ (S O, K)
+                drows = gr.transpose(0, 1).reshape(n * L, s * o) @ w.reshape(s * o, k)
+            else:
+                drows = torch.bmm(gr, w.reshape(s, o, k))  # (S, N L, K)
+            gx = _fold_rows(drows, x_shape, w_shape, stride, padding, dilation, (ho, wo))
+        if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
+            gb = gr.sum(1)
+            if ctx.bias_dim == 1:
+                gb = gb.sum(0)
+        return gx, gw, gb, None, None, None
+
+
 def _columns(x: Tensor, w_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
              dilation: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
     """The unfolded input as GEMM operand: ``(K, N L)`` for a shared ``x``, else ``(S, K, N L)``
@@ -636,3 +788,56 @@ class SampleBatchNorm(torch.autograd.Function):
         xs = x.movedim(in_dims[0], 0)
         out = torch.batch_norm(xs.flatten(0, 1), weight, bias, mean, var, False, 0.0, eps, cudnn)
         return out.reshape(xs.shape), 0
+
+
+class SampleBatchNormTrain(torch.autograd.Function):
+    """``torch.batch_norm`` in training mode (each sample normalises by its own batch statistics and
+    updates its own copy of the running statistics, :func:`bayesify._vmap_rules.batchnorm_state`)
+    whose vmap rule is one call of the point model's kernel over ``S x C`` channels: the input as
+    ``(N, S C, ...)`` (a view where it is already laid out samples-inside-batch, as PyTorch's grouped
+    convolution leaves it), the affine repeated per sample (or per-sample already), the running
+    statistics' ``(S, C)`` copies as flat views the kernel updates in place. The output stays in that
+    layout (batched at dim 1). PyTorch's batching rule normalises without the affine, applies it in
+    further passes in another layout, and its in-place follow-ups (ReLU) cost a ``CopySlices`` in
+    backward: ResNet-18's stem BatchNorm (10 samples x 32 x 64 x 16 x 16, forward + backward, one
+    thread) 58 ms against 31 ms folded. Only called inside vmap with the input batched (see
+    ``bayesify._vmap_rules``); anything else goes through PyTorch's rule."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor | None, var: Tensor | None,
+                momentum: float, eps: float, cudnn: bool) -> Tensor:
+        raise RuntimeError("bayesify's folded training batch norm runs only inside torch.vmap")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+             mean: Tensor | None, var: Tensor | None, momentum: float, eps: float, cudnn: bool
+             ) -> tuple[Tensor, int]:
+        s = info.batch_size
+        x_dim, w_dim, b_dim, m_dim, v_dim = in_dims[:5]
+        stats = []
+        for t, d in ((mean, m_dim), (var, v_dim)):
+            flat = None if t is None or d is None else t.movedim(d, 0)
+            stats.append(flat.view(-1) if flat is not None and flat.is_contiguous() else None)
+        if x_dim is None or any(t is not None and f is None for t, f in zip((mean, var), stats)):
+            def plain(a: Tensor, q: Tensor | None, r: Tensor | None, m: Tensor | None, v: Tensor | None) -> Tensor:
+                return torch.batch_norm(a, q, r, m, v, True, momentum, eps, cudnn)
+
+            return torch.vmap(plain, in_dims=in_dims[:5], randomness=info.randomness)(x, weight, bias, mean, var), 0
+
+        def per_channel(t: Tensor | None, d: int | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.repeat(s) if d is None else t.movedim(d, 0).reshape(-1)
+
+        xs = x.movedim(x_dim, 1)  # (N, S, C, ...)
+        n, c = xs.shape[0], xs.shape[2]
+        # a view where the samples already sit inside the batch (PyTorch's grouped convolution leaves
+        # them so), else a copy (samples first, as the GEMM kernels leave them; a channels-last copy,
+        # faster in the kernel on small maps, measured no gain in the whole ResNet-18 step)
+        out = torch.batch_norm(xs.reshape(n, s * c, *xs.shape[3:]), per_channel(weight, w_dim),
+                               per_channel(bias, b_dim), stats[0], stats[1], True, momentum, eps, cudnn)
+        return out.view(xs.shape), 1

@@ -20,7 +20,9 @@ model, sees nothing of this one's rules. Nothing is replaced process-wide. The r
 BatchNorm in training mode is handled by substitution, not interception: each sample
 normalises with its own batch statistics from per-sample copies of the running statistics
 (:func:`batchnorm_state`), and the stored statistics then move by the mean over samples of the
-per-sample updates (:class:`BatchNormUpdate`).
+per-sample updates (:class:`BatchNormUpdate`). Inside the call each such BatchNorm is intercepted
+too: one call of the point model's kernel over ``S x C`` channels (``_batched.SampleBatchNormTrain``),
+where PyTorch's rule adds the affine in further passes in another layout.
 
 The mode's cost: it sees every PyTorch call of the forward once per vmapped call (not per
 sample; backward runs after the mode is gone), ~1.1 us each over a plain call; a sampled
@@ -41,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from ._batched import SDPA, SampleAttention, SampleBatchNorm, kernels_apply
+from ._batched import SDPA, SampleAttention, SampleBatchNorm, SampleBatchNormTrain, kernels_apply
 
 __all__ = ["vmap_rules", "batchnorm_state", "BatchNormUpdate"]
 
@@ -88,12 +90,25 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
 
 def _batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
                 bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """``F.batch_norm``; in eval mode with statistics and affine shared by the samples, folded."""
+    """``F.batch_norm``; in eval mode with statistics and affine shared by the samples, folded; in
+    training mode with an input batched over the samples, folded (``TRAIN_BATCHNORM_FOLD``)."""
+    if (training and TRAIN_BATCHNORM_FOLD and _is_batched(input) and input.dim() >= 2
+            and input.numel() > input.shape[1]  # else F.batch_norm's "more than 1 value per channel" error
+            and isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and kernels_apply(input)
+            and all(t is None or _is_batched(t) for t in (running_mean, running_var))):
+        return SampleBatchNormTrain.apply(input, weight, bias, running_mean, running_var, float(momentum), eps,
+                                          torch.backends.cudnn.enabled)
     shared = all(t is None or not _is_batched(t) for t in (weight, bias, running_mean, running_var))
     if (training or running_mean is None or running_var is None or not shared or not _is_batched(input)
             or input.dim() < 2 or not kernels_apply(input)):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return SampleBatchNorm.apply(input, weight, bias, running_mean, running_var, eps, torch.backends.cudnn.enabled)
+
+
+#: Whether training-mode BatchNorm in the vmapped call folds the samples into the channels, one call
+#: of the point model's kernel (``_batched.SampleBatchNormTrain``); False: PyTorch's batching rule
+#: (the A/B switch).
+TRAIN_BATCHNORM_FOLD = True
 
 
 def _from_stochastic_depth(frame: Any) -> bool:

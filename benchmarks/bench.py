@@ -350,6 +350,20 @@ class UntrimmedRunner(BayesifyRunner):
         return _patched("bayesify._batched", TRIM_PADDING_TAPS=False)
 
 
+class PreviousConvPathRunner(BayesifyRunner):
+    """``bayesify`` with its per-sample convolution path as before issue 18's ResNet-18 work (branch
+    i18-resnet): the kept taps of a trimmed kernel as a strided view (autograd's slice backwards,
+    ``bayesify._batched.TRIM_BY_FUNCTION = False``), the GEMM over ``F.unfold``'s columns
+    (``GEMM_ROWS = False``), training-mode BatchNorm through PyTorch's batching rule
+    (``bayesify._vmap_rules.TRAIN_BATCHNORM_FOLD = False``): its A/B partner, interleaved in the same run."""
+
+    @contextlib.contextmanager
+    def setting(self) -> Any:
+        with _patched("bayesify._batched", TRIM_BY_FUNCTION=False, GEMM_ROWS=False), \
+                _patched("bayesify._vmap_rules", TRAIN_BATCHNORM_FOLD=False):
+            yield
+
+
 def _mul_add_(eps: torch.Tensor, std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return eps.mul_(std).add_(mean)
 
@@ -479,6 +493,9 @@ CONTENDERS = [
               "bf.bayesify(model) with autotune on but without the 'loop' conv2d candidate (the A/B partner)"),
     Contender("bayesify, untrimmed", _bayesify(None), UntrimmedRunner,
               "bf.bayesify(model) with small-map convolutions over the full kernel (taps meeting only padding kept)"),
+    Contender("bayesify, previous conv path", _bayesify(None), PreviousConvPathRunner,
+              "bf.bayesify(model) with the per-sample convolution path before the i18-resnet changes "
+              "(trimmed taps as a strided view, the GEMM over F.unfold's columns, PyTorch's training BatchNorm rule)"),
     Contender("bayesify, previous eval", _bayesify(None), PreviousEvalRunner,
               "bf.bayesify(model) with bf.predict drawing the weights per batch and PyTorch's eval BatchNorm rule "
               "and mul_ + add_ for mean + std * eps in fresh memory (the eval path before this branch)"),

@@ -297,8 +297,10 @@ TRIMS = [(1, 1, 3, 1, 1, 1, (1, 1)), (2, 2, 3, 2, 1, 1, (2, 2)), (1, 1, 3, 1, 2,
          (4, 4, 3, 2, 1, 1, (3, 3)), (2, 2, 3, 1, 2, 2, (1, 1))]
 
 
+@pytest.mark.parametrize("by_function", [True, False], ids=["kept-taps-function", "strided-view"])
 @pytest.mark.parametrize("trim", TRIMS)
-def test_trimming_the_padding_taps_keeps_outputs_and_gradients(monkeypatch, trim):
+def test_trimming_the_padding_taps_keeps_outputs_and_gradients(monkeypatch, trim, by_function):
+    monkeypatch.setattr(_batched, "TRIM_BY_FUNCTION", by_function)
     h, w_, k, stride, padding, dilation, kept = trim
     geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
     g = _gen(3)
@@ -333,3 +335,95 @@ def test_trimming_keeps_the_full_kernel_where_most_taps_remain():
     assert _batched.trim_padding_taps((2, 2), w, geo)[0] is w  # 2x2 of 3x3 taps: not worth the copy
     tw, tgeo = _batched.trim_padding_taps((1, 1), w, ((1, 1), (1, 1), (1, 1)))  # the centre tap alone
     assert tw.shape[-2:] == (1, 1) and tgeo[1] == (0, 0)
+
+
+@pytest.mark.parametrize("trim", TRIMS)
+def test_the_kept_taps_function_equals_the_strided_view(monkeypatch, trim):
+    """``_KeptTaps`` (a contiguous copy; backward pads the gradient) against the strided view it
+    replaced (autograd's slice backwards): the same kept taps and gradient bit for bit (also a double
+    backward through the trim), and the same outputs and every gradient (float64, up to summation
+    order) through the whole rule with each kernel forced."""
+    h, w_, k, stride, padding, dilation, _ = trim
+    geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
+    g = _gen(4)
+    kh, kw = _batched._pair(k)
+    x = torch.randn(2, 4, h, w_, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, kh, kw, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(_batched, "TRIM_MAX_KEPT_INVERSE", 1)
+    results, chooser = [], _batched.conv2d_kernel
+    for by_function in (False, True):
+        monkeypatch.setattr(_batched, "TRIM_BY_FUNCTION", by_function)
+        tw, _ = _batched.trim_padding_taps((h, w_), w, geo)
+        assert tw.is_contiguous() == by_function or tw.shape == w.shape
+        (gw,) = torch.autograd.grad(tw, w, torch.ones_like(tw), create_graph=True)
+        (ggw,) = torch.autograd.grad((gw * gw).sum() + (tw * tw).sum(), w)
+        per_kernel = []
+        for kernel in ("conv", "gemm", "loop"):
+            monkeypatch.setattr(_batched, "conv2d_kernel", lambda *args, kernel=kernel: kernel)
+            out = torch.vmap(lambda q, r: _batched.SampleConv2d.apply(x, q, r, *geo))(w, b)
+            up = torch.randn(out.shape, generator=_gen(5), dtype=torch.float64)
+            per_kernel.append((out, *torch.autograd.grad(out, [x, w, b], up)))
+        monkeypatch.setattr(_batched, "conv2d_kernel", chooser)
+        results.append((tw, gw, ggw, per_kernel))
+    (tw0, gw0, ggw0, k0), (tw1, gw1, ggw1, k1) = results
+    assert torch.equal(tw0, tw1) and torch.equal(gw0, gw1) and torch.equal(ggw0, ggw1)
+    for a, e in zip(k1, k0):  # the kernels read a contiguous kernel now: the same up to summation order
+        for t1, t0 in zip(a, e):
+            torch.testing.assert_close(t1, t0, rtol=1e-12, atol=1e-12)
+
+
+# (C, H, W, kernel, stride, padding, dilation): the GEMM's geometries, with and without padding, strided,
+# dilated, asymmetric; maps where some taps meet only padding and where a tap meets none
+ROWS_GEOMETRIES = [(4, 2, 2, 3, 1, 1, 1), (4, 2, 2, 3, 2, 1, 1), (3, 4, 4, 3, 2, 1, 1), (3, 4, 4, 1, 2, 0, 1),
+                   (2, 1, 1, 1, 1, 0, 1), (3, 3, 5, (3, 2), (1, 2), (2, 0), (2, 1)), (2, 5, 4, 3, 1, 0, 1),
+                   (2, 2, 3, 5, 1, 2, 1), (2, 1, 1, 3, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shared_x", [False, True])
+@pytest.mark.parametrize("geometry", ROWS_GEOMETRIES)
+def test_rows_gemm_equals_the_columns_gemm(geometry, shared_x, channels_last):
+    """The GEMM over rows unfolded per tap (``_BatchedConv2dGemmRows``, ``_rows`` / ``_fold_rows``)
+    against the previous GEMM over ``F.unfold``'s columns and against ``F.conv2d`` per sample:
+    outputs and every gradient (float64), per-sample or shared input, contiguous or channels_last."""
+    c, h, w_, k, stride, padding, dilation = geometry
+    geo = tuple(_batched._pair(v) for v in (stride, padding, dilation))
+    kh, kw = _batched._pair(k)
+    g = _gen(6)
+    s, n, o = 3, 2, 5
+    x = torch.randn(*(() if shared_x else (s,)), n, c, h, w_, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.flatten(0, -4).contiguous(memory_format=torch.channels_last).view(x.shape)
+    x.requires_grad_()
+    w = torch.randn(s, o, c, kh, kw, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(s, o, generator=g, dtype=torch.float64, requires_grad=True)
+    rows, (ho, wo) = _batched._rows(x, w.shape, *geo)
+    cols, _ = _batched._columns(x, w.shape, *geo)
+    assert torch.equal(rows, cols.transpose(-1, -2))
+    got = _batched._BatchedConv2dGemmRows.apply(x, w, b, *geo)
+    want = _batched._BatchedConv2dGemm.apply(x, w, b, *geo)
+    ref = torch.stack([F.conv2d(x if shared_x else x[i], w[i], b[i], *geo) for i in range(s)])
+    assert got.shape == want.shape == ref.shape == (s, n, o, ho, wo) and got.is_contiguous()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, ref)
+    up = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    for a, e, r in zip(torch.autograd.grad(got, [x, w, b], up), torch.autograd.grad(want, [x, w, b], up),
+                       torch.autograd.grad(ref, [x, w, b], up)):
+        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(a, r)
+
+
+def test_rows_gemm_output_may_be_modified_in_place():
+    """A 1x1 output map (the permuted product is contiguous already) still comes back as a fresh
+    tensor: an in-place ReLU after the convolution, as models write it, and its gradient."""
+    g = _gen(7)
+    x = torch.randn(3, 2, 4, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    geo = ((1, 1), (1, 1), (1, 1))
+    out = _batched._BatchedConv2dGemmRows.apply(x, w, None, *geo)
+    assert out._base is None
+    out.relu_().sum().backward()
+    ref = torch.stack([F.conv2d(x[i], w[i], None, *geo) for i in range(3)]).relu()
+    torch.testing.assert_close(out, ref)
+    assert x.grad is not None and w.grad is not None
