@@ -152,9 +152,13 @@ class ELBOLoss(nn.Module):
         if info is None:
             raise ValueError("the output carries no log_probs: call the model in training mode "
                              "(model.train()) before computing the ELBO")
-        log_probs, kl_analytic, _ = info
-        if log_probs is None:  # trained by an optimiser that applies the prior (bf.optim.IVON): its KL, as NLLLoss
-            return torch.zeros((), device=pred.device)
+        log_probs, kl_analytic, fn = info
+        if log_probs is None:
+            if getattr(getattr(fn, "__self__", None), "_prior_in_optimizer", None) or not self.kl_weight:
+                # trained by an optimiser that applies the prior (bf.optim.IVON): its KL, as NLLLoss
+                return torch.zeros((), device=pred.device)
+            raise ValueError("the output carries no log_probs (the model was called with log_probs=False): "
+                             "use ELBOLoss(..., kl='analytic'), or call the model without log_probs=False")
         kl = (log_probs[:, 1] - log_probs[:, 0]).mean()
         return kl + kl_analytic
 

@@ -73,10 +73,13 @@ class VIModule(nn.Module):
     """Base class for Bayesian models.
 
     The outermost ``VIModule`` of a model accepts ``samples=`` (default 10),
-    ``generator=``, ``chunk_size=`` and ``recompute_samples=`` on top of its forward's own
-    arguments; inner ones just run their forward. ``recompute_samples=True`` keeps no
-    weight sample for backward (each is drawn where the forward first reads it and drawn
-    again, bit for bit, in backward): less memory for one more noise pass per weight.
+    ``generator=``, ``chunk_size=``, ``recompute_samples=`` and ``log_probs=`` on top of its
+    forward's own arguments; inner ones just run their forward. ``recompute_samples=True``
+    keeps no weight sample for backward (each is drawn where the forward first reads it and
+    drawn again, bit for bit, in backward): less memory for one more noise pass per weight.
+    ``log_probs=False`` (training mode) computes no Monte Carlo log densities: the outputs
+    carry ``log_probs`` None and the closed-form KL, for ``ELBOLoss(kl="analytic")`` (per
+    weight sample a pass less in the draw and in backward).
 
     Example::
 
@@ -98,16 +101,17 @@ class VIModule(nn.Module):
     _means_outside_sampling: bool = False
 
     def __call__(self, *args: Any, samples: int | None = None, generator: torch.Generator | None = None,
-                 chunk_size: int | None = None, recompute_samples: bool = False, **kwargs: Any) -> Any:
+                 chunk_size: int | None = None, recompute_samples: bool = False, log_probs: bool = True,
+                 **kwargs: Any) -> Any:
         if sampling_active():
-            if samples is not None or recompute_samples is not False:
+            if samples is not None or recompute_samples is not False or log_probs is not True:
                 raise ValueError(
-                    "samples= and recompute_samples= are owned by the outermost VIModule; "
+                    "samples=, recompute_samples= and log_probs= are owned by the outermost VIModule; "
                     "do not pass them to an inner module"
                 )
             return super().__call__(*args, **kwargs)
         if (self._means_outside_sampling and samples is None and generator is None and chunk_size is None
-                and recompute_samples is False):
+                and recompute_samples is False and log_probs is True):
             return super().__call__(*args, **kwargs)  # the parameters hold the posterior means
         n = DEFAULT_SAMPLES if samples is None else check_samples(samples)
         check_optional_positive_int("chunk_size", chunk_size)
@@ -115,6 +119,8 @@ class VIModule(nn.Module):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if not isinstance(recompute_samples, bool):
             raise TypeError(f"recompute_samples must be True or False, got {recompute_samples!r}")
+        if not isinstance(log_probs, bool):
+            raise TypeError(f"log_probs must be True or False, got {log_probs!r}")
         # recompute_samples: no weight sample is kept for backward; backward draws it again.
         rec = SampleRecompute() if recompute_samples and torch.is_grad_enabled() else None
         # The samples are substituted into this model's parameter slots: one thread at a time.
@@ -122,8 +128,8 @@ class VIModule(nn.Module):
         try:
             with turn, _fsdp_gathered(self), (nullcontext() if rec is None else rec.hooks()):
                 if rec is not None:  # eager even under torch.compile: Dynamo would read the means, not the draws
-                    return self._sampled_call_eager(args, kwargs, n, generator, chunk_size, rec)
-                return self._sampled_call(args, kwargs, n, generator, chunk_size)
+                    return self._sampled_call_eager(args, kwargs, n, generator, chunk_size, rec, log_probs)
+                return self._sampled_call(args, kwargs, n, generator, chunk_size, None, log_probs)
         except RuntimeError as exc:
             if "setup_context" in str(exc) and torch._C._are_functorch_transforms_active():
                 raise RuntimeError(
@@ -232,13 +238,16 @@ class VIModule(nn.Module):
                 if p is not None and id(p) in key_of]
 
     def _sampled_call(self, args: tuple, kwargs: dict, n: int, generator: torch.Generator | None,
-                      chunk_size: int | None, recompute: SampleRecompute | None = None) -> Any:
+                      chunk_size: int | None, recompute: SampleRecompute | None = None,
+                      log_probs: bool = True) -> Any:
         with_logp = self.training
         # A model whose prior an optimiser applies (bf.optim.IVON sets _prior_in_optimizer): no loss
         # reads the log densities (ELBOLoss refuses a KL term, NLLLoss has none), so none are
         # computed (per weight, a pass and a dot product in the draw and three passes in backward);
         # the outputs still carry the KL information, with log_probs None.
-        drawn_logp = with_logp and not self.__dict__.get("_prior_in_optimizer")
+        # log_probs=False (the caller's loss takes the closed-form KL, ELBOLoss(kl="analytic")): the
+        # same, on request; the outputs carry the closed form and log_probs None.
+        drawn_logp = with_logp and log_probs and not self.__dict__.get("_prior_in_optimizer")
         seeds: dict[str, int] = {}
         structure: dict[str, Any] = {}
         # chunk_size: the weights are drawn chunk by chunk too, so memory holds at most

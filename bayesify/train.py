@@ -282,12 +282,14 @@ def _loop(bnn: VIModule, loader: Iterable[Any], epochs: int, max_steps: int | No
     except TypeError:
         total = max_steps
     categorical = loss_fn.likelihood == "categorical"
+    # A loss that takes the closed-form KL reads no log densities: the forward skips them.
+    draw_log_probs = getattr(loss_fn, "kl", "mc") != "analytic"
     with _bar(progress, total) as show:
         for epoch in range(epochs):
             rows: list[dict[str, float]] = []
             for batch in loader:
                 args, kwargs, y = _split(_to(batch, device))
-                out = bnn(*args, samples=samples, generator=generator, **kwargs)
+                out = bnn(*args, samples=samples, generator=generator, log_probs=draw_log_probs, **kwargs)
                 loss = loss_fn(out, y)
                 opt.zero_grad()
                 loss.backward()

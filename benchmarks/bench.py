@@ -313,6 +313,20 @@ def _patched(module: str, **values: Any) -> Any:
             setattr(mod, k, v)
 
 
+class AnalyticKLRunner(BayesifyRunner):
+    """The closed-form KL: ``ELBOLoss(kl="analytic")``, the forward called with ``log_probs=False``
+    (no Monte Carlo log densities drawn; what ``bf.fit`` does with such a loss)."""
+
+    def __init__(self, model: nn.Module, args: tuple, y: torch.Tensor) -> None:
+        import bayesify as bf
+
+        super().__init__(model, args, y)
+        self.loss_fn = bf.ELBOLoss("categorical", dataset_size=DATASET_SIZE, kl="analytic")
+
+    def forward(self) -> Any:
+        return self.model(*self.args, samples=SAMPLES, log_probs=False)
+
+
 class Rank1MaterialisedRunner(BayesifyRunner):
     """A rank-1 conversion with its linear layers through the materialised ``(S, out, in)`` samples
     (``bayesify._batched.RANK1_FACTORS = False``, the path before the factor-level one): the A/B
@@ -482,6 +496,9 @@ CONTENDERS = [
               "reference: the point model on 10xB with convolutions of <= 4 output positions computed as "
               "bayesify's per-sample ones (one GEMM over the unfolded input)", ("resnet18",)),
     Contender("bayesify", _bayesify(None), BayesifyRunner, "bf.bayesify(model): default estimator"),
+    Contender("bayesify, analytic KL", _bayesify(None), AnalyticKLRunner,
+              "bf.bayesify(model) trained on ELBOLoss(kl='analytic'), the forward with log_probs=False "
+              "(no Monte Carlo log densities)"),
     Contender("bayesify rank-1", _bayesify(None, variational="rank1"), BayesifyRunner,
               "bf.bayesify(model, variational='rank1'): rank-1 multiplicative factors"),
     Contender("bayesify rank-1, materialised", _bayesify(None, variational="rank1"), Rank1MaterialisedRunner,

@@ -171,3 +171,11 @@ def test_previous_train_step_partner_runs_and_restores_the_switches(bench):
         assert c.error is None and len(c.times) == 1 and c.times[0] > 0, name
     assert _normal.FUSED_WEIGHT_GRADS and _normal.CLOSED_FORM_QUAD and _normal.POOL_TRAINING_DRAWS
     assert _normal.KEEP_SPREAD_FOR_BACKWARD
+
+
+def test_analytic_kl_contender_trains_without_log_densities(bench):
+    """``bayesify, analytic KL``: ELBOLoss(kl="analytic") on outputs drawn with log_probs=False."""
+    res = bench.bench_workload(bench.WORKLOADS["mlp"], [c for c in bench.CONTENDERS if c.name in (
+        "point (10xB)", "ref: point + weight noise", "bayesify, analytic KL")], 1, True)
+    for name, c in res["train"].items():
+        assert c.error is None and len(c.times) == 1 and c.times[0] > 0, name
