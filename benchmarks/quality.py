@@ -478,10 +478,16 @@ def ensemble(task: Task, net: nn.Module, seed: int) -> Predictive:
 
 
 def _finetune_loop(task: Task, bnn: bf.BayesianModel, loss_fn: nn.Module, opt: torch.optim.Optimizer,
-                   samples: int, seed: int) -> None:
+                   samples: int, seed: int, dropout: bool = True) -> None:
+    """``task.steps`` steps of ``loss_fn`` on ``samples`` weight samples; ``dropout=False``: the
+    network's own dropout layers stay in eval mode (off) while the rest trains."""
     torch.manual_seed(seed)
     bnn.train()
     task.train_mode(bnn)
+    if not dropout:
+        for m in bnn.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
     it = task.batches(seed)
     for _ in range(task.steps):
         x, y = next(it)
@@ -544,20 +550,37 @@ def ivon(task: Task, net: nn.Module, seed: int) -> Predictive:
     return _bnn_predictive(task, _train_ivon(task, net, seed), seed)
 
 
-def _train_rank1(task: Task, net: nn.Module, seed: int, **family: float) -> bf.BayesianModel:
+def _train_rank1(task: Task, net: nn.Module, seed: int, *, samples: int = 4, means_lr: float | None = None,
+                 train_dropout: bool = True, **family: Any) -> bf.BayesianModel:
     """``variational=bf.variational.Rank1Normal(**family)`` through the ELBO + Adam loop: the
-    weights at lr 1e-3, the factors (means and spreads) at 1e-2, 4 samples per step."""
+    weights at lr 1e-3, the factors (means and spreads) at 1e-2, 4 samples per step.
+
+    ``samples``: weight samples per step; ``means_lr``: the factors' *means* at this rate instead
+    of the spreads' (0 freezes them at their init); ``train_dropout=False``: the network's own
+    dropout layers off during the fine-tune (eval mode), so the factors' noise is the only noise."""
     bnn = task.convert(net, variational=bf.variational.Rank1Normal(**family))
     loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, **_nll_kwargs(task))
-    opt = torch.optim.Adam(bf.train.param_groups(bnn))  # the weights at 1e-3, the factors at 1e-2
-    _finetune_loop(task, bnn, loss_fn, opt, 4, seed)
+    groups = bf.train.param_groups(bnn)  # the weights at 1e-3, the factors at 1e-2
+    if means_lr is not None:
+        means = {id(p) for n, p in bnn.named_parameters() if n.endswith(("_r_mean", "_s_mean"))}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in means]
+        groups = [g for g in groups if g["params"]]
+        if means_lr > 0:
+            groups.append({"params": [p for p in bnn.parameters() if id(p) in means], "lr": means_lr,
+                           "name": "factor means"})
+    opt = torch.optim.Adam(groups)
+    _finetune_loop(task, bnn, loss_fn, opt, samples, seed, dropout=train_dropout)
     return bnn
 
 
-def _rank1_row(**family: float) -> Callable[[Task, nn.Module, int], Predictive]:
+def _rank1_row(dropout: bool = False, **family: Any) -> Callable[[Task, nn.Module, int], Predictive]:
+    """A rank-1 fit (``_train_rank1(**family)``), the sampled predictive; ``dropout=True``: with the
+    network's dropout layers on in the predictive (``bf.predict(..., dropout=True)``)."""
     def row(task: Task, net: nn.Module, seed: int) -> Predictive:
-        return _bnn_predictive(task, _train_rank1(task, net, seed, **family), seed)
-    row.__name__ = "rank1_" + "_".join(f"{k}{v:g}" for k, v in family.items())
+        bnn = _train_rank1(task, net, seed, **family)
+        return _predict_bnn(task, bnn, seed, dropout=True) if dropout else _bnn_predictive(task, bnn, seed)
+    row.__name__ = "rank1_" + "_".join(f"{k}{v}" for k, v in family.items()) + ("_dropout" if dropout else "")
     return row
 
 
@@ -639,6 +662,18 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("rank-1 (init 0.5 / prior 0.5)", _rank1_row(init_std=0.5, prior_std=0.5)),
     ("rank-1 (init 0.2 / prior 1)", _rank1_row(init_std=0.2, prior_std=1.0)),
     ("rank-1 x4 components", _rank1_row(components=4)),
+    ("rank-1 + dropout", _rank1_row(dropout=True)),
+    ("rank-1 x4 + dropout", _rank1_row(dropout=True, components=4)),
+    ("rank-1 (means lr 1e-3)", _rank1_row(means_lr=1e-3)),
+    ("rank-1 (means fixed)", _rank1_row(means_lr=0.0)),
+    ("rank-1 (no train dropout)", _rank1_row(train_dropout=False)),
+    ("rank-1 (8 samples)", _rank1_row(samples=8)),
+    ("rank-1 x4 (means lr 1e-3)", _rank1_row(means_lr=1e-3, components=4)),
+    ("rank-1 (means lr 3e-3)", _rank1_row(means_lr=3e-3)),
+    ("rank-1 (means lr 1e-3 / prior 1)", _rank1_row(means_lr=1e-3, prior_std=1.0)),
+    ("rank-1 (means lr 1e-3 / init 0.3)", _rank1_row(means_lr=1e-3, init_std=0.3)),
+    ("rank-1 (means fixed) + dropout", _rank1_row(dropout=True, means_lr=0.0)),
+    ("rank-1 (means lr 1e-3) + dropout", _rank1_row(dropout=True, means_lr=1e-3)),
     ("rank-1 ELBO + Adam + temperature", _temperature(_train_rank1, "rank-1 ELBO + Adam")),
     ("ELBO + Adam + calibrate", _calibrated(_train_elbo_adam, "ELBO + Adam")),
     ("IVON + calibrate", _calibrated(_train_ivon, "IVON")),
