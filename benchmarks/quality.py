@@ -669,6 +669,8 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("rank-1 (no train dropout)", _rank1_row(train_dropout=False)),
     ("rank-1 (8 samples)", _rank1_row(samples=8)),
     ("rank-1 x4 (means lr 1e-3)", _rank1_row(means_lr=1e-3, components=4)),
+    ("rank-1 x4 (apart 0.5)", _rank1_row(components=4, component_std=0.5)),
+    ("rank-1 x4 (apart 0.5 / means lr 1e-3)", _rank1_row(components=4, component_std=0.5, means_lr=1e-3)),
     ("rank-1 (means lr 3e-3)", _rank1_row(means_lr=3e-3)),
     ("rank-1 (means lr 1e-3 / prior 1)", _rank1_row(means_lr=1e-3, prior_std=1.0)),
     ("rank-1 (means lr 1e-3 / init 0.3)", _rank1_row(means_lr=1e-3, init_std=0.3)),
