@@ -19,6 +19,14 @@ so MC dropout needs no other net) and is evaluated on the same sets:
   step); **rank-1 (init a / prior b)**: the same with other factor init std / prior std;
   **rank-1 x4 components**: the defaults with 4 factor components (sample ``i`` from component
   ``i mod 4``, the paper's mixture).
+- rank-1 recipe variants (issue 14, out-of-sample targets; ``_train_rank1``'s options):
+  **rank-1 (means lr 1e-3)** / **(means lr 3e-3)** / **(means fixed)**: the factors' *means* at
+  that rate (the spreads stay at 1e-2; fixed: the means stay at their init); **rank-1 (no train
+  dropout)**: the network's dropout layers off during the fine-tune; **rank-1 (8 samples)**: 8
+  weight samples per step; **rank-1 (means lr 1e-3 / prior 1)**, **(means lr 1e-3 / init 0.3)**;
+  **rank-1 x4 (means lr 1e-3)**; **rank-1 x4 (apart 0.5)** (``Rank1Normal(components=4,
+  component_std=0.5)``: the components' means start 2.5x further apart), with and without slow
+  means; rows ending **+ dropout** predict with ``bf.predict(..., dropout=True)``.
 - **ELBO + Adam linearised**, **IVON linearised**, **IVON (prior 0.3) linearised**: the same
   fits, predicting with the linearised predictive (``bf.predict(..., linearized=True)``:
   ``f(x, mean) + J(x) (w_s - mean)``) instead of running the network on each weight sample.
