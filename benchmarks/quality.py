@@ -26,7 +26,9 @@ so MC dropout needs no other net) and is evaluated on the same sets:
   weight samples per step; **rank-1 (means lr 1e-3 / prior 1)**, **(means lr 1e-3 / init 0.3)**;
   **rank-1 x4 (means lr 1e-3)**; **rank-1 x4 (apart 0.5)** (``Rank1Normal(components=4,
   component_std=0.5)``: the components' means start 2.5x further apart), with and without slow
-  means; rows ending **+ dropout** predict with ``bf.predict(..., dropout=True)``.
+  means; **rank-1 (linear layers only)** / **rank-1 x4 (linear layers only)** (``include=[nn.Linear]``:
+  the convolutions stay point weights); rows ending **+ dropout** predict with
+  ``bf.predict(..., dropout=True)``.
 - **ELBO + Adam linearised**, **IVON linearised**, **IVON (prior 0.3) linearised**: the same
   fits, predicting with the linearised predictive (``bf.predict(..., linearized=True)``:
   ``f(x, mean) + J(x) (w_s - mean)``) instead of running the network on each weight sample.
@@ -559,14 +561,17 @@ def ivon(task: Task, net: nn.Module, seed: int) -> Predictive:
 
 
 def _train_rank1(task: Task, net: nn.Module, seed: int, *, samples: int = 4, means_lr: float | None = None,
-                 train_dropout: bool = True, **family: Any) -> bf.BayesianModel:
+                 train_dropout: bool = True, include: Any = None, **family: Any) -> bf.BayesianModel:
     """``variational=bf.variational.Rank1Normal(**family)`` through the ELBO + Adam loop: the
     weights at lr 1e-3, the factors (means and spreads) at 1e-2, 4 samples per step.
 
     ``samples``: weight samples per step; ``means_lr``: the factors' *means* at this rate instead
     of the spreads' (0 freezes them at their init); ``train_dropout=False``: the network's own
-    dropout layers off during the fine-tune (eval mode), so the factors' noise is the only noise."""
-    bnn = task.convert(net, variational=bf.variational.Rank1Normal(**family))
+    dropout layers off during the fine-tune (eval mode), so the factors' noise is the only noise;
+    ``include``: ``bf.bayesify``'s include (e.g. ``[nn.Linear]``: the other layers stay point
+    weights and train at the weights' rate)."""
+    convert = {} if include is None else {"include": include}
+    bnn = task.convert(net, variational=bf.variational.Rank1Normal(**family), **convert)
     loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, **_nll_kwargs(task))
     groups = bf.train.param_groups(bnn)  # the weights at 1e-3, the factors at 1e-2
     if means_lr is not None:
@@ -679,6 +684,8 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("rank-1 x4 (means lr 1e-3)", _rank1_row(means_lr=1e-3, components=4)),
     ("rank-1 x4 (apart 0.5)", _rank1_row(components=4, component_std=0.5)),
     ("rank-1 x4 (apart 0.5 / means lr 1e-3)", _rank1_row(components=4, component_std=0.5, means_lr=1e-3)),
+    ("rank-1 (linear layers only)", _rank1_row(include=[nn.Linear])),
+    ("rank-1 x4 (linear layers only)", _rank1_row(include=[nn.Linear], components=4)),
     ("rank-1 (means lr 3e-3)", _rank1_row(means_lr=3e-3)),
     ("rank-1 (means lr 1e-3 / prior 1)", _rank1_row(means_lr=1e-3, prior_std=1.0)),
     ("rank-1 (means lr 1e-3 / init 0.3)", _rank1_row(means_lr=1e-3, init_std=0.3)),
