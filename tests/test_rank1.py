@@ -500,3 +500,22 @@ def test_quality_rank1_recipe_factor_means_rate_and_dropout_off() -> None:
     seen.clear()
     q._train_rank1(task, copy.deepcopy(probe), 0)
     assert len(seen) == 2 * task.steps and all(seen)
+
+
+def test_quality_rank1_prior_by_validation_nll(capsys: pytest.CaptureFixture[str]) -> None:
+    """The row ``rank-1 (prior by validation NLL)`` fits every prior scale of the grid and keeps the
+    one with the lowest NLL on the validation split (printed), never reading the test set."""
+    q = _quality_module()
+    task = q.Diabetes(quick=True)
+    task.steps = 5
+    net = task.pretrain(0)
+    pred = q.METHODS["rank-1 (prior by validation NLL)"](task, net, 0)
+    chosen = float(capsys.readouterr().out.split("prior ")[-1].split(",")[0])
+    assert chosen in q.RANK1_PRIOR_GRID
+    nlls = {}
+    for prior in q.RANK1_PRIOR_GRID:
+        fit = q._bnn_predictive(task, q._train_rank1(task, copy.deepcopy(net), 0, prior_std=prior), 0)(task.x_val)
+        nlls[prior] = bf.metrics.gaussian_nll(fit["mean"], fit["var"], task.y_val.reshape(-1))
+    assert chosen == min(nlls, key=nlls.get)
+    out = pred(task.x_test)
+    assert out["mean"].shape == (len(task.y_test),) and (out["epistemic_var"] > 0).all()
