@@ -317,7 +317,9 @@ class Rank1Normal(VariationalFamily):
     - ``components=K > 1``: K factor pairs per weight (the paper's mixture), sample ``i`` of a
       call drawn from component ``i mod K``; ``log q`` is that component's density, so the ELBO
       is the average of the components' ELBOs (the analytic KL the mean of their KLs). The
-      components' means start at ``1 + init_std * z`` (fixed-seed ``z``) so that they can part.
+      components' means start at ``1 + component_std * z`` (fixed-seed ``z``; ``component_std``
+      defaults to ``init_std``) so that they can part; a larger ``component_std`` starts them
+      further apart (each component's spreads still start at ``init_std``).
 
     Example::
 
@@ -329,7 +331,8 @@ class Rank1Normal(VariationalFamily):
     weight_prior = False
     elementwise_std = False
 
-    def __init__(self, init_std: float = 0.2, prior_std: float = 0.5, components: int = 1) -> None:
+    def __init__(self, init_std: float = 0.2, prior_std: float = 0.5, components: int = 1,
+                 component_std: float | None = None) -> None:
         for key, val in (("init_std", init_std), ("prior_std", prior_std)):
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise TypeError(f"{key} must be a positive number, got {val!r}")
@@ -337,9 +340,24 @@ class Rank1Normal(VariationalFamily):
                 raise ValueError(f"{key} must be a positive finite number, got {val!r}")
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
             raise ValueError(f"components must be a positive int, got {components!r}")
+        if component_std is not None:
+            if isinstance(component_std, bool) or not isinstance(component_std, (int, float)):
+                raise TypeError(f"component_std must be a non-negative number or None, got {component_std!r}")
+            if not (component_std >= 0 and math.isfinite(component_std)):
+                raise ValueError(f"component_std must be a non-negative finite number or None, got {component_std!r}")
+            if components == 1:
+                raise ValueError("component_std sets how far apart several components start; it needs components > 1")
+            component_std = float(component_std)
         self.init_std = float(init_std)
         self.prior_std = float(prior_std)
         self.components = components
+        self.component_std = component_std
+
+    def spec(self) -> dict[str, Any]:
+        spec = super().spec()
+        if spec["component_std"] is None:  # the default (init_std): left out, as before the option
+            del spec["component_std"]
+        return spec
 
     def covers(self, point: Tensor) -> bool:
         return point.dim() >= 2
@@ -358,11 +376,12 @@ class Rank1Normal(VariationalFamily):
         r_mean, s_mean = torch.ones(shape_r, **kw), torch.ones(shape_s, **kw)
         if k > 1:
             # Components start apart (else they see the same data and stay one mode): means
-            # 1 + init_std * z, z from a fixed seed (a conversion stays deterministic and leaves
-            # the global RNG alone; init_std -> 0 is still the point model).
+            # 1 + component_std * z, z from a fixed seed (a conversion stays deterministic and
+            # leaves the global RNG alone; init_std -> 0 is still the point model by default).
+            apart = self.init_std if self.component_std is None else self.component_std
             gen = torch.Generator().manual_seed(a * 7919 + b)
-            r_mean += self.init_std * torch.randn(shape_r, generator=gen).to(**kw)
-            s_mean += self.init_std * torch.randn(shape_s, generator=gen).to(**kw)
+            r_mean += apart * torch.randn(shape_r, generator=gen).to(**kw)
+            s_mean += apart * torch.randn(shape_s, generator=gen).to(**kw)
         return {"r_mean": r_mean, "r_rho": torch.full(shape_r, rho0, **kw),
                 "s_mean": s_mean, "s_rho": torch.full(shape_s, rho0, **kw)}
 

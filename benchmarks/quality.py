@@ -19,6 +19,17 @@ so MC dropout needs no other net) and is evaluated on the same sets:
   step); **rank-1 (init a / prior b)**: the same with other factor init std / prior std;
   **rank-1 x4 components**: the defaults with 4 factor components (sample ``i`` from component
   ``i mod 4``, the paper's mixture).
+- rank-1 recipe variants (issue 14, out-of-sample targets; ``_train_rank1``'s options):
+  **rank-1 (means lr 1e-3)** / **(means lr 3e-3)** / **(means fixed)**: the factors' *means* at
+  that rate (the spreads stay at 1e-2; fixed: the means stay at their init); **rank-1 (no train
+  dropout)**: the network's dropout layers off during the fine-tune; **rank-1 (8 samples)**: 8
+  weight samples per step; **rank-1 (means lr 1e-3 / prior 1)**, **(means lr 1e-3 / init 0.3)**;
+  **rank-1 x4 (means lr 1e-3)**; **rank-1 x4 (apart 0.5)** (``Rank1Normal(components=4,
+  component_std=0.5)``: the components' means start 2.5x further apart), with and without slow
+  means; **rank-1 (linear layers only)** / **rank-1 x4 (linear layers only)** (``include=[nn.Linear]``:
+  the convolutions stay point weights); rows ending **+ dropout** predict with
+  ``bf.predict(..., dropout=True)``; **rank-1 (prior by validation NLL)**: per seed, the factor
+  prior scale of ``RANK1_PRIOR_GRID`` (0.3 / 0.5 / 1) whose fit has the lowest validation NLL.
 - **ELBO + Adam linearised**, **IVON linearised**, **IVON (prior 0.3) linearised**: the same
   fits, predicting with the linearised predictive (``bf.predict(..., linearized=True)``:
   ``f(x, mean) + J(x) (w_s - mean)``) instead of running the network on each weight sample.
@@ -478,10 +489,16 @@ def ensemble(task: Task, net: nn.Module, seed: int) -> Predictive:
 
 
 def _finetune_loop(task: Task, bnn: bf.BayesianModel, loss_fn: nn.Module, opt: torch.optim.Optimizer,
-                   samples: int, seed: int) -> None:
+                   samples: int, seed: int, dropout: bool = True) -> None:
+    """``task.steps`` steps of ``loss_fn`` on ``samples`` weight samples; ``dropout=False``: the
+    network's own dropout layers stay in eval mode (off) while the rest trains."""
     torch.manual_seed(seed)
     bnn.train()
     task.train_mode(bnn)
+    if not dropout:
+        for m in bnn.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
     it = task.batches(seed)
     for _ in range(task.steps):
         x, y = next(it)
@@ -544,21 +561,62 @@ def ivon(task: Task, net: nn.Module, seed: int) -> Predictive:
     return _bnn_predictive(task, _train_ivon(task, net, seed), seed)
 
 
-def _train_rank1(task: Task, net: nn.Module, seed: int, **family: float) -> bf.BayesianModel:
+def _train_rank1(task: Task, net: nn.Module, seed: int, *, samples: int = 4, means_lr: float | None = None,
+                 train_dropout: bool = True, include: Any = None, **family: Any) -> bf.BayesianModel:
     """``variational=bf.variational.Rank1Normal(**family)`` through the ELBO + Adam loop: the
-    weights at lr 1e-3, the factors (means and spreads) at 1e-2, 4 samples per step."""
-    bnn = task.convert(net, variational=bf.variational.Rank1Normal(**family))
+    weights at lr 1e-3, the factors (means and spreads) at 1e-2, 4 samples per step.
+
+    ``samples``: weight samples per step; ``means_lr``: the factors' *means* at this rate instead
+    of the spreads' (0 freezes them at their init); ``train_dropout=False``: the network's own
+    dropout layers off during the fine-tune (eval mode), so the factors' noise is the only noise;
+    ``include``: ``bf.bayesify``'s include (e.g. ``[nn.Linear]``: the other layers stay point
+    weights and train at the weights' rate)."""
+    convert = {} if include is None else {"include": include}
+    bnn = task.convert(net, variational=bf.variational.Rank1Normal(**family), **convert)
     loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, **_nll_kwargs(task))
-    opt = torch.optim.Adam(bf.train.param_groups(bnn))  # the weights at 1e-3, the factors at 1e-2
-    _finetune_loop(task, bnn, loss_fn, opt, 4, seed)
+    groups = bf.train.param_groups(bnn)  # the weights at 1e-3, the factors at 1e-2
+    if means_lr is not None:
+        means = {id(p) for n, p in bnn.named_parameters() if n.endswith(("_r_mean", "_s_mean"))}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in means]
+        groups = [g for g in groups if g["params"]]
+        if means_lr > 0:
+            groups.append({"params": [p for p in bnn.parameters() if id(p) in means], "lr": means_lr,
+                           "name": "factor means"})
+    opt = torch.optim.Adam(groups)
+    _finetune_loop(task, bnn, loss_fn, opt, samples, seed, dropout=train_dropout)
     return bnn
 
 
-def _rank1_row(**family: float) -> Callable[[Task, nn.Module, int], Predictive]:
+def _rank1_row(dropout: bool = False, **family: Any) -> Callable[[Task, nn.Module, int], Predictive]:
+    """A rank-1 fit (``_train_rank1(**family)``), the sampled predictive; ``dropout=True``: with the
+    network's dropout layers on in the predictive (``bf.predict(..., dropout=True)``)."""
     def row(task: Task, net: nn.Module, seed: int) -> Predictive:
-        return _bnn_predictive(task, _train_rank1(task, net, seed, **family), seed)
-    row.__name__ = "rank1_" + "_".join(f"{k}{v:g}" for k, v in family.items())
+        bnn = _train_rank1(task, net, seed, **family)
+        return _predict_bnn(task, bnn, seed, dropout=True) if dropout else _bnn_predictive(task, bnn, seed)
+    row.__name__ = "rank1_" + "_".join(f"{k}{v}" for k, v in family.items()) + ("_dropout" if dropout else "")
     return row
+
+
+RANK1_PRIOR_GRID = (0.3, 0.5, 1.0)
+
+
+def rank1_val_prior(task: Task, net: nn.Module, seed: int) -> Predictive:
+    """Rank-1 with the factor prior scale chosen per seed by validation NLL (``_heldout(task)``),
+    no test data: one fit per scale of ``RANK1_PRIOR_GRID`` (init std 0.2), the lowest sampled
+    predictive NLL on the validation split wins."""
+    best: tuple[float, float, bf.BayesianModel] | None = None
+    x, y = _heldout(task)
+    for prior in RANK1_PRIOR_GRID:
+        bnn = _train_rank1(task, copy.deepcopy(net), seed, prior_std=prior)
+        pred = _bnn_predictive(task, bnn, seed)(x)
+        nll = bf.metrics.nll(pred["probs"], y) if task.likelihood == "categorical" else \
+            bf.metrics.gaussian_nll(pred["mean"], pred["var"], y.reshape(-1))
+        if best is None or nll < best[0]:
+            best = (nll, prior, bnn)
+    assert best is not None
+    print(f"[{task.name}] seed {seed} rank-1 (prior by validation NLL): prior {best[1]}, val NLL {best[0]:.4g}", flush=True)
+    return _bnn_predictive(task, best[2], seed)
 
 
 def _calibrated(fit: Callable[[Task, nn.Module, int], bf.BayesianModel], label: str
@@ -639,6 +697,23 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("rank-1 (init 0.5 / prior 0.5)", _rank1_row(init_std=0.5, prior_std=0.5)),
     ("rank-1 (init 0.2 / prior 1)", _rank1_row(init_std=0.2, prior_std=1.0)),
     ("rank-1 x4 components", _rank1_row(components=4)),
+    ("rank-1 + dropout", _rank1_row(dropout=True)),
+    ("rank-1 x4 + dropout", _rank1_row(dropout=True, components=4)),
+    ("rank-1 (means lr 1e-3)", _rank1_row(means_lr=1e-3)),
+    ("rank-1 (means fixed)", _rank1_row(means_lr=0.0)),
+    ("rank-1 (no train dropout)", _rank1_row(train_dropout=False)),
+    ("rank-1 (8 samples)", _rank1_row(samples=8)),
+    ("rank-1 x4 (means lr 1e-3)", _rank1_row(means_lr=1e-3, components=4)),
+    ("rank-1 x4 (apart 0.5)", _rank1_row(components=4, component_std=0.5)),
+    ("rank-1 x4 (apart 0.5 / means lr 1e-3)", _rank1_row(components=4, component_std=0.5, means_lr=1e-3)),
+    ("rank-1 (linear layers only)", _rank1_row(include=[nn.Linear])),
+    ("rank-1 x4 (linear layers only)", _rank1_row(include=[nn.Linear], components=4)),
+    ("rank-1 (prior by validation NLL)", rank1_val_prior),
+    ("rank-1 (means lr 3e-3)", _rank1_row(means_lr=3e-3)),
+    ("rank-1 (means lr 1e-3 / prior 1)", _rank1_row(means_lr=1e-3, prior_std=1.0)),
+    ("rank-1 (means lr 1e-3 / init 0.3)", _rank1_row(means_lr=1e-3, init_std=0.3)),
+    ("rank-1 (means fixed) + dropout", _rank1_row(dropout=True, means_lr=0.0)),
+    ("rank-1 (means lr 1e-3) + dropout", _rank1_row(dropout=True, means_lr=1e-3)),
     ("rank-1 ELBO + Adam + temperature", _temperature(_train_rank1, "rank-1 ELBO + Adam")),
     ("ELBO + Adam + calibrate", _calibrated(_train_elbo_adam, "ELBO + Adam")),
     ("IVON + calibrate", _calibrated(_train_ivon, "IVON")),

@@ -9,6 +9,7 @@ one-line errors of the routes that need a mean-field posterior.
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -279,6 +280,30 @@ def test_components_sample_in_turn_with_their_own_densities() -> None:
     torch.testing.assert_close(parts, whole)
 
 
+def test_component_std_sets_how_far_apart_components_start() -> None:
+    weight = torch.randn(6, 5)
+    default = Rank1Normal(init_std=0.2, components=3).init(weight)
+    same = Rank1Normal(init_std=0.2, components=3, component_std=0.2).init(weight)
+    wide = Rank1Normal(init_std=0.2, components=3, component_std=0.6).init(weight)
+    for key in ("r_mean", "s_mean"):
+        torch.testing.assert_close(same[key], default[key])  # the default is init_std
+        torch.testing.assert_close(wide[key] - 1, 3 * (default[key] - 1))  # the same z, 3x as far
+        torch.testing.assert_close(wide[key.replace("mean", "rho")], default[key.replace("mean", "rho")])
+    zero = Rank1Normal(init_std=0.2, components=3, component_std=0).init(weight)
+    assert torch.equal(zero["r_mean"], torch.ones(3, 6))  # components start together
+    # the spec (save / load) carries it only where it was given
+    assert "component_std" not in Rank1Normal(components=2).spec()
+    back = get_variational(Rank1Normal(components=2, component_std=0.5).spec())
+    assert back.component_std == 0.5 and back.components == 2
+    assert get_variational("rank1:components=4,component_std=0.5").component_std == 0.5
+    with pytest.raises(ValueError, match="components > 1"):
+        Rank1Normal(component_std=0.5)
+    with pytest.raises(ValueError, match="component_std"):
+        Rank1Normal(components=2, component_std=-1.0)
+    with pytest.raises(TypeError, match="component_std"):
+        Rank1Normal(components=2, component_std="wide")  # type: ignore[arg-type]
+
+
 def test_components_zero_spread_is_the_point_model_and_train() -> None:
     torch.manual_seed(0)
     model = digits_cnn().eval()
@@ -423,3 +448,74 @@ def test_factor_level_only_where_few_rows_per_sample() -> None:
         w.register_hook(lambda g: through_w.append(g))
         _linear_under_vmap(torch.randn(3, rows, 6), 0, w, None, None).sum().backward()
         assert bool(through_w) != factors, rows
+
+
+# --- benchmarks/quality.py's rank-1 recipe options (issue 14, out-of-sample targets) ---
+
+
+def _quality_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench_rank1", ROOT / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_quality_rank1_recipe_factor_means_rate_and_dropout_off() -> None:
+    """``_train_rank1(means_lr=...)``: the factor means move at their own rate (0: not at all, and the
+    spreads and weights still train); ``train_dropout=False`` keeps the network's dropout off in the
+    fine-tune (a different fit from the same start)."""
+    q = _quality_module()
+    task = q.Diabetes(quick=True)
+    task.steps = 20
+    net = task.pretrain(0)
+
+    def factors(bnn: bf.BayesianModel, suffix: str) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in bnn.named_parameters() if n.endswith(suffix)}
+
+    start = bf.bayesify(net, variational=Rank1Normal())
+    frozen = q._train_rank1(task, copy.deepcopy(net), 0, means_lr=0.0)
+    for n, p in factors(frozen, "_mean").items():
+        torch.testing.assert_close(p, factors(start, "_mean")[n], rtol=0, atol=0)  # means untouched
+    assert any(not torch.equal(p, factors(start, "_rho")[n]) for n, p in factors(frozen, "_rho").items())
+    w0 = dict(start.named_parameters())["model.0.weight"]
+    assert not torch.equal(dict(frozen.named_parameters())["model.0.weight"], w0)
+
+    fast = q._train_rank1(task, copy.deepcopy(net), 0)
+    slow = q._train_rank1(task, copy.deepcopy(net), 0, means_lr=1e-3)
+
+    def drift(bnn: bf.BayesianModel) -> float:
+        return max(float((p - 1).abs().max()) for p in factors(bnn, "_mean").values())
+    assert 0 < drift(slow) < drift(fast)  # 20 Adam steps: at most ~20 * lr from 1
+    assert drift(slow) <= 20 * 1e-3 * 1.05
+
+    seen: list[bool] = []  # the dropout layers' mode at each call of the fine-tune
+    probe = copy.deepcopy(net)
+    for m in probe.modules():
+        if isinstance(m, nn.Dropout):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    q._train_rank1(task, probe, 0, train_dropout=False)
+    assert len(seen) == 2 * task.steps and not any(seen)
+    seen.clear()
+    q._train_rank1(task, copy.deepcopy(probe), 0)
+    assert len(seen) == 2 * task.steps and all(seen)
+
+
+def test_quality_rank1_prior_by_validation_nll(capsys: pytest.CaptureFixture[str]) -> None:
+    """The row ``rank-1 (prior by validation NLL)`` fits every prior scale of the grid and keeps the
+    one with the lowest NLL on the validation split (printed), never reading the test set."""
+    q = _quality_module()
+    task = q.Diabetes(quick=True)
+    task.steps = 5
+    net = task.pretrain(0)
+    pred = q.METHODS["rank-1 (prior by validation NLL)"](task, net, 0)
+    chosen = float(capsys.readouterr().out.split("prior ")[-1].split(",")[0])
+    assert chosen in q.RANK1_PRIOR_GRID
+    nlls = {}
+    for prior in q.RANK1_PRIOR_GRID:
+        fit = q._bnn_predictive(task, q._train_rank1(task, copy.deepcopy(net), 0, prior_std=prior), 0)(task.x_val)
+        nlls[prior] = bf.metrics.gaussian_nll(fit["mean"], fit["var"], task.y_val.reshape(-1))
+    assert chosen == min(nlls, key=nlls.get)
+    out = pred(task.x_test)
+    assert out["mean"].shape == (len(task.y_test),) and (out["epistemic_var"] > 0).all()
