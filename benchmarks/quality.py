@@ -30,6 +30,8 @@ so MC dropout needs no other net) and is evaluated on the same sets:
   the convolutions stay point weights); rows ending **+ dropout** predict with
   ``bf.predict(..., dropout=True)``; **rank-1 (prior by validation NLL)**: per seed, the factor
   prior scale of ``RANK1_PRIOR_GRID`` (0.3 / 0.5 / 1) whose fit has the lowest validation NLL.
+- **IVON (prior 1)**, **IVON (prior 1) linearised**: IVON with ``Normal("pretrained", 1.0)``,
+  sampled / linearised predictive (the gap task's widest useful prior: wider ones give the same).
 - **ELBO + Adam linearised**, **IVON linearised**, **IVON (prior 0.3) linearised**: the same
   fits, predicting with the linearised predictive (``bf.predict(..., linearized=True)``:
   ``f(x, mean) + J(x) (w_s - mean)``) instead of running the network on each weight sample.
@@ -654,17 +656,29 @@ def _temperature(fit: Callable[[Task, nn.Module, int], bf.BayesianModel], label:
     return row
 
 
-def _train_ivon_wide_prior(task: Task, net: nn.Module, seed: int) -> bf.BayesianModel:
-    """IVON with a 10x wider prior around the pretrained weights, ``Normal("pretrained", 0.3)``."""
-    bnn = task.convert(net, prior=bf.priors.Normal("pretrained", 0.3))
-    loss_fn = bf.NLLLoss(task.likelihood, **_nll_kwargs(task))
-    opt = bf.optim.IVON(task.trainable(bnn), model=bnn, ess=task.dataset_size, **task.ivon_kwargs)
-    _finetune_loop(task, bnn, loss_fn, opt, 2, seed)
-    return bnn
+def _ivon_prior(scale: float) -> Callable[[Task, nn.Module, int], bf.BayesianModel]:
+    """IVON with a wider prior around the pretrained weights, ``Normal("pretrained", scale)``."""
+    def fit(task: Task, net: nn.Module, seed: int) -> bf.BayesianModel:
+        bnn = task.convert(net, prior=bf.priors.Normal("pretrained", scale))
+        loss_fn = bf.NLLLoss(task.likelihood, **_nll_kwargs(task))
+        opt = bf.optim.IVON(task.trainable(bnn), model=bnn, ess=task.dataset_size, **task.ivon_kwargs)
+        _finetune_loop(task, bnn, loss_fn, opt, 2, seed)
+        return bnn
+
+    fit.__name__ = f"_train_ivon_prior_{scale:g}".replace(".", "_")
+    return fit
+
+
+#: IVON with a 10x wider prior than the default's 0.03.
+_train_ivon_wide_prior = _ivon_prior(0.3)
 
 
 def ivon_wide_prior(task: Task, net: nn.Module, seed: int) -> Predictive:
     return _bnn_predictive(task, _train_ivon_wide_prior(task, net, seed), seed)
+
+
+def ivon_prior_1(task: Task, net: nn.Module, seed: int) -> Predictive:
+    return _bnn_predictive(task, _ivon_prior(1.0)(task, net, seed), seed)
 
 
 def _linearised(fit: Callable[[Task, nn.Module, int], bf.BayesianModel]
@@ -720,6 +734,8 @@ METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = Orde
     ("ELBO + Adam linearised", _linearised(_train_elbo_adam)),
     ("IVON linearised", _linearised(_train_ivon)),
     ("IVON (prior 0.3) linearised", _linearised(_train_ivon_wide_prior)),
+    ("IVON (prior 1)", ivon_prior_1),
+    ("IVON (prior 1) linearised", _linearised(_ivon_prior(1.0))),
     ("MAP fine-tune + dropout", _dropout_on(_train_map)),
     ("ELBO + Adam + dropout", _dropout_on(_train_elbo_adam)),
     ("IVON + dropout", _dropout_on(_train_ivon)),
