@@ -369,7 +369,8 @@ class PreviousConvPathRunner(BayesifyRunner):
     i18-resnet): the kept taps of a trimmed kernel as a strided view (autograd's slice backwards,
     ``bayesify._batched.TRIM_BY_FUNCTION = False``), the GEMM over ``F.unfold``'s columns
     (``GEMM_ROWS = False``), training-mode BatchNorm through PyTorch's batching rule
-    (``bayesify._vmap_rules.TRAIN_BATCHNORM_FOLD = False``): its A/B partner, interleaved in the same run."""
+    (``bayesify._vmap_rules.TRAIN_BATCHNORM_FOLD = False``), and so no draw's gradients from the kept taps alone
+    (``DRAWN_KEPT_TAPS = False``, branch i18-crop): its A/B partner, interleaved in the same run."""
 
     @contextlib.contextmanager
     def setting(self) -> Any:
