@@ -346,7 +346,8 @@ class SampleConv2d(torch.autograd.Function):
                 x_dim is None or b_dim is not None)):
             return torch.vmap(conv, in_dims=in_dims[:3])(x, weight, bias), 0
         xs = x if x_dim is None else x.movedim(x_dim, 0)
-        w = weight if w_dim is None else weight.movedim(w_dim, 0)
+        # (the tensor itself where its samples come first: a training draw is recognised by identity)
+        w = weight if w_dim in (None, 0) else weight.movedim(w_dim, 0)
         b = bias if bias is None or b_dim is None else bias.movedim(b_dim, 0)
         if TRIM_PADDING_TAPS:
             w, geometry = trim_padding_taps(one.shape[-2:], w, geometry)
@@ -399,6 +400,9 @@ def trim_padding_taps(hw: Any, w: Tensor, geometry: tuple) -> tuple[Tensor, tupl
     if not TRIM_BY_FUNCTION:  # the previous path: a strided view, autograd's two slice backwards
         (r0, r1), (c0, c1) = spans
         return w[..., r0:r1 + 1, c0:c1 + 1], (stride, padding, dilation)
+    drawn = drawn_sample(w) if DRAWN_KEPT_TAPS and torch.is_grad_enabled() else None
+    if drawn is not None and w.is_contiguous() and w.dtype in (torch.float32, torch.float64):
+        return _DrawnKeptTaps.apply(w, drawn.mean, drawn.rho, drawn, tuple(spans)), (stride, padding, dilation)
     return _KeptTaps.apply(w, tuple(spans)), (stride, padding, dilation)
 
 
@@ -427,6 +431,64 @@ class _KeptTaps(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         return F.pad(g, ctx.pad), None
+
+
+#: Where the trimmed kernel is a training draw of mean-field samples (``_normal.drawn_sample``), its
+#: kept taps come from :class:`_DrawnKeptTaps`, whose backward hands the draw's ``mean`` and ``rho`` their
+#: gradients for the kept taps directly (as :class:`_DrawnLinear` does for linear layers): the dropped
+#: taps' weight gradient is zero, so neither the ``(S, *kernel)`` zero-filled gradient nor the draw's
+#: per-sample passes over the dropped taps are made; their log-density terms stay with the draw's own
+#: backward (closed form). False: :class:`_KeptTaps` and the draw's backward over every tap (the A/B partner).
+DRAWN_KEPT_TAPS = True
+
+
+class _DrawnKeptTaps(torch.autograd.Function):
+    """:class:`_KeptTaps` of a kernel ``w`` that is a training draw (recorded as ``drawn``, with its
+    ``mean`` and ``rho`` as inputs): the same forward (a contiguous copy of the kept taps), but backward
+    returns the gradients of ``mean`` and ``rho`` from the kept taps' per-sample gradient ``g``:
+    ``dL/dmean = sum_s g_s`` and ``dL/drho = sum_s g_s eps_s * sigmoid(rho)`` at the kept taps, with
+    ``eps_s = (w_s - mean) / std`` recovered from the kept taps of the sample (this node's own output,
+    kept: the layer keeps it anyway; nothing of ``w`` is held, also with ``recompute_samples``), zero at
+    the dropped ones. ``w`` itself gets no gradient from this node (the draw's log-density terms still
+    reach the draw's backward, which then makes no pass over the samples)."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, mean: Tensor, rho: Tensor, drawn: Any, spans: tuple) -> Tensor:
+        (r0, r1), (c0, c1) = spans
+        out = w[..., r0:r1 + 1, c0:c1 + 1].clone(memory_format=torch.contiguous_format)
+        ctx.crop = (Ellipsis, slice(r0, r1 + 1), slice(c0, c1 + 1))
+        ctx.drawn = drawn
+        ctx.save_for_backward(out if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        (wk,) = ctx.saved_tensors
+        if wk is None:
+            return None, None, None, None, None
+        d, crop = ctx.drawn, ctx.crop
+        mean, rho = d.mean.detach(), d.rho.detach()
+        # contiguous copies: softplus / sigmoid of a strided tensor take the scalar path, whose last bits
+        # differ from the vectorised one the draw computed std with (recompute_samples: no kept std)
+        m, r = mean[crop].contiguous(), rho[crop].contiguous()
+        sd = F.softplus(r) if d.kept is None else d.kept.view(mean.shape)[crop]
+        # gm = sum_s g_s, acc = sum_s g_s w_s in sample order (as the draw's backward sums them)
+        gm = g[0].clone(memory_format=torch.contiguous_format)
+        acc = torch.mul(g[0], wk[0])
+        for s in range(1, g.shape[0]):
+            gm.add_(g[s])
+            acc.addcmul_(g[s], wk[s])
+        # sum_s g_s eps_s = (acc - mean * gm) / std; dL/drho = that * sigmoid(rho)
+        acc.addcmul_(gm, m, value=-1).div_(sd).mul_(torch.sigmoid(r))
+        g_mean = g_rho = None
+        if ctx.needs_input_grad[1]:
+            g_mean = mean.new_zeros(mean.shape)
+            g_mean[crop] = gm
+        if ctx.needs_input_grad[2]:
+            g_rho = rho.new_zeros(rho.shape)
+            g_rho[crop] = acc
+        return None, g_mean, g_rho, None, None
 
 
 def _conv2d_loop_over_samples(xs: Tensor, w: Tensor, b: Tensor | None, x_shared: bool, b_shared: bool,

@@ -369,12 +369,24 @@ class PreviousConvPathRunner(BayesifyRunner):
     i18-resnet): the kept taps of a trimmed kernel as a strided view (autograd's slice backwards,
     ``bayesify._batched.TRIM_BY_FUNCTION = False``), the GEMM over ``F.unfold``'s columns
     (``GEMM_ROWS = False``), training-mode BatchNorm through PyTorch's batching rule
-    (``bayesify._vmap_rules.TRAIN_BATCHNORM_FOLD = False``): its A/B partner, interleaved in the same run."""
+    (``bayesify._vmap_rules.TRAIN_BATCHNORM_FOLD = False``), and so no draw's gradients from the kept taps alone
+    (``DRAWN_KEPT_TAPS = False``, branch i18-crop): its A/B partner, interleaved in the same run."""
 
     @contextlib.contextmanager
     def setting(self) -> Any:
-        with _patched("bayesify._batched", TRIM_BY_FUNCTION=False, GEMM_ROWS=False), \
+        with _patched("bayesify._batched", TRIM_BY_FUNCTION=False, GEMM_ROWS=False, DRAWN_KEPT_TAPS=False), \
                 _patched("bayesify._vmap_rules", TRAIN_BATCHNORM_FOLD=False):
+            yield
+
+
+class FullTapDrawBackwardRunner(BayesifyRunner):
+    """``bayesify`` with a trimmed kernel's gradient padded to the full kernel and passed through the draw's
+    backward over every tap and sample (``bayesify._batched.DRAWN_KEPT_TAPS = False``), as before the draw's
+    gradients were taken from the kept taps alone: that change's A/B partner, interleaved in the same run."""
+
+    @contextlib.contextmanager
+    def setting(self) -> Any:
+        with _patched("bayesify._batched", DRAWN_KEPT_TAPS=False):
             yield
 
 
@@ -512,7 +524,11 @@ CONTENDERS = [
               "bf.bayesify(model) with small-map convolutions over the full kernel (taps meeting only padding kept)"),
     Contender("bayesify, previous conv path", _bayesify(None), PreviousConvPathRunner,
               "bf.bayesify(model) with the per-sample convolution path before the i18-resnet changes "
-              "(trimmed taps as a strided view, the GEMM over F.unfold's columns, PyTorch's training BatchNorm rule)"),
+              "(trimmed taps as a strided view, the GEMM over F.unfold's columns, PyTorch's training BatchNorm rule, "
+              "the draw's backward over every tap of a trimmed kernel)"),
+    Contender("bayesify, full-tap draw backward", _bayesify(None), FullTapDrawBackwardRunner,
+              "bf.bayesify(model) with a trimmed kernel's gradient padded to full size and through the draw's "
+              "backward over every tap (DRAWN_KEPT_TAPS off)"),
     Contender("bayesify, previous eval", _bayesify(None), PreviousEvalRunner,
               "bf.bayesify(model) with bf.predict drawing the weights per batch and PyTorch's eval BatchNorm rule "
               "and mul_ + add_ for mean + std * eps in fresh memory (the eval path before this branch)"),

@@ -219,3 +219,90 @@ def test_a_detached_or_modified_sample_is_not_fused():
     assert _normal.drawn_sample(w.detach()) is None and _normal.drawn_sample(w[0]) is None
     w.mul_(1.0)
     assert _normal.drawn_sample(w) is None  # written in place: its values are no longer the draw's
+
+
+# --- trimmed convolution kernels of training draws (bayesify._batched._DrawnKeptTaps) ---------------
+
+#: The trimming geometries of tests/test_autotune.py: (H, W, kernel, stride, padding, dilation, kept taps).
+TRIMS = [(1, 1, 3, 1, 1, 1, (1, 1)), (2, 2, 3, 2, 1, 1, (2, 2)), (1, 1, 3, 1, 2, 2, (1, 1)), (2, 2, 3, 1, 1, 1, (3, 3)),
+         (1, 3, (3, 3), 1, 1, 1, (1, 3)), (1, 1, 5, 1, 2, 1, (1, 1)), (2, 3, 5, 2, (2, 1), 1, (2, 3)),
+         (4, 4, 3, 2, 1, 1, (3, 3)), (2, 2, 3, 1, 2, 2, (1, 1))]
+
+#: (name, call kwargs, ELBO kwargs): the defaults, no log densities with the analytic KL, recomputed samples.
+DRAWN_TAPS_VARIANTS = [("default", {}, {}), ("log_probs off, analytic KL", {"log_probs": False}, {"kl": "analytic"}),
+                       ("recompute", {"recompute_samples": True}, {})]
+
+
+def _conv_step(build: Callable[[], nn.Module], shape: tuple, call: dict, elbo: dict, drawn_taps: bool,
+               samples: int = 3) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor], torch.Tensor, list]:
+    """One ELBO step of ``build()`` in float64 with ``_batched.DRAWN_KEPT_TAPS`` set; also which kernels
+    went through :class:`_batched._DrawnKeptTaps` (their shapes)."""
+    torch.manual_seed(0)
+    bnn = bf.bayesify(build().double()).train()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (shape[0],))
+    fired: list = []
+    was, apply = _batched.DRAWN_KEPT_TAPS, _batched._DrawnKeptTaps.apply
+    _batched.DRAWN_KEPT_TAPS = drawn_taps
+    _batched._DrawnKeptTaps.apply = lambda *a: fired.append(tuple(a[0].shape)) or apply(*a)
+    try:
+        out = bnn(x, samples=samples, generator=torch.Generator().manual_seed(3), **call)
+        bf.ELBOLoss("categorical", dataset_size=50, **elbo)(out, y).backward()
+    finally:
+        _batched.DRAWN_KEPT_TAPS, _batched._DrawnKeptTaps.apply = was, apply
+    lp = out.log_probs
+    return out.detach(), None if lp is None else lp.detach(), {n: p.grad for n, p in bnn.named_parameters()}, \
+        x.grad, fired
+
+
+def _assert_same_step(new: tuple, old: tuple) -> None:
+    out, lp, grads, gx, _ = new
+    out0, lp0, grads0, gx0, _ = old
+    assert torch.equal(out, out0)  # the same kept taps, the same kernels: bit for bit
+    assert (lp is None and lp0 is None) or torch.equal(lp, lp0)
+    assert grads.keys() == grads0.keys()
+    for name in grads:
+        assert grads[name] is not None and grads0[name] is not None, name
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(gx, gx0, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("variant", DRAWN_TAPS_VARIANTS, ids=[v[0] for v in DRAWN_TAPS_VARIANTS])
+@pytest.mark.parametrize("trim", TRIMS)
+def test_drawn_kept_taps_step_equals_the_kept_taps_path(monkeypatch, trim, variant):
+    """A convolution whose kernel is trimmed to the taps that meet real input: with the draw's mean / rho
+    gradients from the kept taps alone (the dropped taps' gradient only from the draw's log-density
+    terms) the same outputs, log densities and every gradient (mean, rho, biases, input) as through the
+    full-size gradient into the draw's backward."""
+    h, w_, k, stride, padding, dilation, _ = trim
+    monkeypatch.setattr(_batched, "TRIM_MAX_KEPT_INVERSE", 1)  # trim whatever can be trimmed
+    _, call, elbo = variant
+
+    def build() -> nn.Module:
+        conv = nn.Conv2d(4, 5, k, stride, padding, dilation)
+        ho, wo = _batched._output_size((h, w_), _batched._pair(k), *(_batched._pair(v) for v in (stride, padding, dilation)))
+        return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(5 * ho * wo, 3))
+
+    new = _conv_step(build, (2, 4, h, w_), call, elbo, True)
+    kh, kw = _batched._pair(k)
+    assert new[4] == [(3, 5, 4, kh, kw)]  # (also where every tap is kept, the limit being 1 here)
+    old = _conv_step(build, (2, 4, h, w_), call, elbo, False)
+    assert old[4] == []
+    _assert_same_step(new, old)
+
+
+@pytest.mark.parametrize("variant", DRAWN_TAPS_VARIANTS, ids=[v[0] for v in DRAWN_TAPS_VARIANTS])
+def test_resnet18_step_with_drawn_kept_taps_equals_the_kept_taps_path(variant):
+    """A whole torchvision ResNet-18 ELBO step at 32x32 (layer4's three 3x3 convolutions on 1x1 maps:
+    their centre taps): the same outputs and every gradient as through the draw's backward over all taps."""
+    torchvision = pytest.importorskip("torchvision")
+    _, call, elbo = variant
+
+    def build() -> nn.Module:
+        return torchvision.models.resnet18(num_classes=3)
+
+    new = _conv_step(build, (2, 3, 32, 32), call, elbo, True, samples=2)
+    assert new[4] == [(2, 512, 512, 3, 3)] * 3
+    old = _conv_step(build, (2, 3, 32, 32), call, elbo, False, samples=2)
+    assert old[4] == []
+    _assert_same_step(new, old)
