@@ -100,11 +100,12 @@ def test_planted_and_main_modules_are_not_imported_by_a_fresh_process(tmp_path: 
     for name in targets:
         line = next(x for x in lines if x.split()[1] == name)
         assert line.startswith("REFUSED") and "trust_code=True" in line, line
-    for name in ("evil.bnn", "pygments.bnn"):
-        r = _run([sys.executable, "-m", "bayesify", "inspect", name], cwd=tmp_path)
-        assert r.returncode == 2, (name, r.returncode, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and "--trust-code" in r.stderr, r.stderr
-        assert not list(tmp_path.glob("MARKER*"))
+    # python -m puts the current directory on sys.path as a full path (python -c: as ''); the
+    # command line's __main__ case runs in the error matrix below
+    r = _run([sys.executable, "-m", "bayesify", "inspect", "evil.bnn"], cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "--trust-code" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("MARKER*"))
 
 
 def test_trust_rule_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -388,12 +389,14 @@ def test_command_line_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
 
     (d / "system.pt2").write_bytes(_edit_program(good, system))
     _hf_with_wrong_keys(d / "hf")
+    _retarget(d / "good.bnn", d / "pygments.bnn", "pygments.__main__:x")  # would end the process on import
     torch.save(nn.Linear(3, 2).state_dict(), d / "state.pt")
     os.mkfifo(d / "fifo.bnn")
     device = _char_device(d)
     (d / "outdir").mkdir()
     arch = ["--arch", "torch.nn:Linear", "--arch-kwargs", '{"in_features": 3, "out_features": 2}']
     cases = {
+        "__main__ module": ["inspect", "pygments.bnn"],
         "deep header": ["inspect", "deep.bnn"],
         "int32 weights": ["inspect", "int32.bnn"],
         "aliases list": ["inspect", "aliases.bnn"],
@@ -421,6 +424,7 @@ def test_command_line_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
     assert not (d / "out.bnn").exists()
     assert stat.S_ISFIFO(os.stat(d / "fifo.bnn").st_mode) and stat.S_ISCHR(os.stat(device).st_mode)
     err = {k: r.err for k, r in results.items()}
+    assert "--trust-code" in err["__main__ module"] and "pygments.__main__" in err["__main__ module"]
     assert "nested too deeply" in err["deep header"]
     assert "int32" in err["int32 weights"] and "float" in err["int32 weights"]
     assert "aliases.bnn" in err["aliases list"] and "aliases" in err["aliases list"]
