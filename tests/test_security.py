@@ -25,7 +25,7 @@ from torch import nn
 
 import bayesify as bf
 from bayesify import recipe
-from bayesify._pt2 import _Untrusted, load_exported_program
+from bayesify._pt2 import load_exported_program
 from tests.test_cli import DRIVER, Result
 
 ROOT = Path(__file__).resolve().parents[1]
