@@ -25,7 +25,7 @@ from torch import nn
 
 import bayesify as bf
 from bayesify import recipe
-from bayesify._pt2 import _Untrusted, load_exported_program
+from bayesify._pt2 import load_exported_program
 from tests.test_cli import DRIVER, Result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,11 +100,12 @@ def test_planted_and_main_modules_are_not_imported_by_a_fresh_process(tmp_path: 
     for name in targets:
         line = next(x for x in lines if x.split()[1] == name)
         assert line.startswith("REFUSED") and "trust_code=True" in line, line
-    for name in ("evil.bnn", "pygments.bnn"):
-        r = _run([sys.executable, "-m", "bayesify", "inspect", name], cwd=tmp_path)
-        assert r.returncode == 2, (name, r.returncode, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and "--trust-code" in r.stderr, r.stderr
-        assert not list(tmp_path.glob("MARKER*"))
+    # python -m puts the current directory on sys.path as a full path (python -c: as ''); the
+    # command line's __main__ case runs in the error matrix below
+    r = _run([sys.executable, "-m", "bayesify", "inspect", "evil.bnn"], cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "--trust-code" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("MARKER*"))
 
 
 def test_trust_rule_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -363,13 +364,18 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path: Path, how: st
 
 
 # -- 3, 5, 6: the command line's bad inputs, one process, one line each -----------------------------
-def _hf_with_wrong_keys(d: Path) -> None:
+def _hf_with_wrong_keys(d: Path, extra_only: bool = False) -> None:
+    """A tiny BERT directory whose weights hold none of its tensors (or all of them plus one)."""
     import transformers
 
     cfg = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=32, max_position_embeddings=16)
     transformers.BertModel(cfg).save_pretrained(d)
-    save_file({"encoder.weight": torch.zeros(3), "decoder.bias": torch.ones(2)}, str(d / "model.safetensors"))
+    weights = {"encoder.weight": torch.zeros(3), "decoder.bias": torch.ones(2)}
+    if extra_only:
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+            weights = {"extra.weight": torch.zeros(3), **{k: f.get_tensor(k) for k in f.keys()}}
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
 
 
 def test_command_line_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
@@ -388,12 +394,15 @@ def test_command_line_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
 
     (d / "system.pt2").write_bytes(_edit_program(good, system))
     _hf_with_wrong_keys(d / "hf")
+    _hf_with_wrong_keys(d / "hf_extra", extra_only=True)
+    _retarget(d / "good.bnn", d / "pygments.bnn", "pygments.__main__:x")  # would end the process on import
     torch.save(nn.Linear(3, 2).state_dict(), d / "state.pt")
     os.mkfifo(d / "fifo.bnn")
     device = _char_device(d)
     (d / "outdir").mkdir()
     arch = ["--arch", "torch.nn:Linear", "--arch-kwargs", '{"in_features": 3, "out_features": 2}']
     cases = {
+        "__main__ module": ["inspect", "pygments.bnn"],
         "deep header": ["inspect", "deep.bnn"],
         "int32 weights": ["inspect", "int32.bnn"],
         "aliases list": ["inspect", "aliases.bnn"],
@@ -410,17 +419,22 @@ def test_command_line_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
         (d / "locked.bnn").write_bytes((d / "good.bnn").read_bytes())
         os.chmod(d / "locked.bnn", 0)
         cases["unreadable input"] = ["inspect", "locked.bnn"]
+    cases["HF unused tensor (succeeds)"] = ["convert", "hf_extra", "-o", "extra.bnn"]
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(list(cases.values()))], cwd=d, env=_env(),
                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = dict(zip(cases, (Result(r["code"], r["out"], r["err"]) for r in json.loads(
         proc.stdout.strip().splitlines()[-1]))))
+    extra = results.pop("HF unused tensor (succeeds)")
+    assert extra.code == 0 and "1 tensor(s) in its weights are not used by BertModel (extra.weight)" in extra.err, extra
+    (d / "extra.bnn").unlink()
     for name, r in results.items():
         assert r.code == 2, (name, r)
         assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, (name, r.err)
     assert not (d / "out.bnn").exists()
     assert stat.S_ISFIFO(os.stat(d / "fifo.bnn").st_mode) and stat.S_ISCHR(os.stat(device).st_mode)
     err = {k: r.err for k, r in results.items()}
+    assert "--trust-code" in err["__main__ module"] and "pygments.__main__" in err["__main__ module"]
     assert "nested too deeply" in err["deep header"]
     assert "int32" in err["int32 weights"] and "float" in err["int32 weights"]
     assert "aliases.bnn" in err["aliases list"] and "aliases" in err["aliases list"]
