@@ -150,6 +150,45 @@ def test_lightning_logs_nll_and_kl_and_validates_calibration(tmp_path):
     assert bf.metrics.nll(pred.probs, yva) == pytest.approx(final["val_nll"], rel=0.15)
 
 
+class _SeenLogProbs(bf.ELBOLoss):
+    """An ELBOLoss that records whether each output it scores carries Monte Carlo log densities."""
+
+    def forward(self, out, target):
+        from bayesify.loss import first_tensor
+
+        self.seen = getattr(self, "seen", []) + [first_tensor(out).log_probs is not None]
+        return super().forward(out, target)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
+@pytest.mark.parametrize("kl", ["mc", "analytic"])
+def test_integrations_draw_log_densities_only_for_a_loss_that_reads_them(tmp_path, kl):
+    """Trainer and Lightning module call the model with log_probs=False when the loss takes the closed-form
+    KL (as bf.fit does), and with them for the Monte Carlo KL."""
+    pytest.importorskip("lightning")
+    from bayesify.integrations.hf import BayesianTrainer
+    from bayesify.integrations.lightning import BayesianLightningModule
+
+    (xtr, ytr), _ = _digits(60)
+    net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    loss_fn = _SeenLogProbs("categorical", dataset_size=60, kl=kl)
+    module = BayesianLightningModule(bf.bayesify(net), loss_fn=loss_fn, samples=2)
+    loss = module.training_step((xtr[:20], ytr[:20]), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and loss_fn.seen == [kl == "mc"]
+
+    train = _token_task(16, 1)
+    args = transformers.TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=8, report_to=[],
+                                          use_cpu=True, disable_tqdm=True, seed=0)
+    bert_loss = _SeenLogProbs("categorical", dataset_size=16, kl=kl)
+    trainer = BayesianTrainer(model=bf.bayesify(_tiny_bert()), args=args, train_dataset=train, loss_fn=bert_loss,
+                              samples=2)
+    batch = {k: torch.stack([d[k] for d in train[:8]]) for k in ("input_ids", "attention_mask", "labels")}
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert torch.isfinite(loss) and bert_loss.seen == [kl == "mc"]
+
+
 def test_lightning_module_bad_input():
     pytest.importorskip("lightning")
     from bayesify.integrations.lightning import BayesianLightningModule

@@ -61,6 +61,12 @@ class ELBOTracker:
     def reset(self) -> None:
         self.nll_sum, self.kl_sum, self.count = 0.0, 0.0, 0
 
+    @property
+    def log_probs(self) -> bool:
+        """Whether the loss reads the outputs' Monte Carlo log densities (not with ``kl="analytic"``):
+        the training forward's ``log_probs=``."""
+        return self.loss_fn.kl != "analytic"
+
     def __call__(self, out: Any, target: Tensor) -> Tensor:
         loss = self.loss_fn(out, target)  # ELBOLoss's own checks and warning, and its ``last`` terms
         last = self.loss_fn.last

@@ -122,7 +122,7 @@ class BayesianTrainer(transformers.Trainer):
             if self._tracker is None:
                 self._tracker = self._make_tracker()
             self._tracker.loss_fn.to(labels.device)
-            out = model(**inputs, samples=self.samples)
+            out = model(**inputs, samples=self.samples, log_probs=self._tracker.log_probs)
             loss = self._tracker(out, labels)
             return (loss, out) if return_outputs else loss
         out = model(**inputs, samples=self.eval_samples)

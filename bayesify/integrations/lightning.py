@@ -85,7 +85,7 @@ class BayesianLightningModule(lightning.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         args, kwargs, y = self.split_batch(batch)
-        out = self.bnn(*args, samples=self.samples, **kwargs)
+        out = self.bnn(*args, samples=self.samples, log_probs=self._tracker.log_probs, **kwargs)
         self._tracker.reset()
         loss = self._tracker(out, y)
         stats = self._tracker.means()
