@@ -143,6 +143,46 @@ def _check_linear_shapes(x: Tensor, weight: Tensor) -> None:
             raise PointModelError(str(exc)) from None
 
 
+def _linear_forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The forward of :class:`_BatchedLinear` and :class:`_DrawnLinear`: the products and the bias
+    addition PyTorch's own rule computes (the same values, bit for bit, as the compiled path, which
+    keeps F.linear). Records on ``ctx`` whether ``x`` is shared and the bias's dimensions."""
+    out = torch.matmul(x, w.transpose(1, 2))  # (S, N, out); a shared x is broadcast
+    if out._base is not None:  # never a view of an internal tensor (callers modify it in place)
+        out = out.clone()
+    if b is not None:
+        out.add_(b.unsqueeze(-2))
+    ctx.shared = x.dim() == 2
+    ctx.bias_dim = None if b is None else b.dim()
+    return out
+
+
+def _shared_rows(g: Tensor) -> Tensor:
+    """The output gradient ``g`` ``(S, N, out)`` of a shared ``x`` as ``(N, S * out)``."""
+    return g.transpose(0, 1).reshape(g.shape[1], g.shape[0] * g.shape[2])
+
+
+def _input_bias_grads(ctx: Any, g: Tensor, w: Tensor | None, gp: Tensor | None
+                      ) -> tuple[Tensor | None, Tensor | None]:
+    """``x``'s and the bias's gradients of a per-sample linear layer (:func:`_linear_forward`'s
+    ``ctx``), ``g`` ``(S, N, out)``, ``w`` ``(S, out, in)`` (None where ``x`` needs no gradient).
+    ``gp``: :func:`_shared_rows` of ``g`` where the caller made it (a shared ``x``), else None. The
+    bias gradient sums ``gp`` over its rows where given, else ``g`` over its ``N``: the two sums
+    can differ in the last bits, and each class keeps the one it has always computed."""
+    s, o = g.shape[0], g.shape[2]
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        if ctx.shared:
+            gx = (_shared_rows(g) if gp is None else gp) @ w.reshape(s * o, w.shape[2])
+        else:
+            gx = torch.bmm(g, w)
+    if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
+        gb = g.sum(1) if gp is None else gp.sum(0).view(s, o)
+        if ctx.bias_dim == 1:  # a bias shared by the samples
+            gb = gb.sum(0)
+    return gx, gb
+
+
 class _BatchedLinear(torch.autograd.Function):
     """``S`` linear maps at once: ``x`` ``(S, N, in)`` or shared ``(N, in)``, ``w`` ``(S, out, in)``,
     bias ``(S, out)``, shared ``(out,)`` or None -> ``(S, N, out)``. Backward returns ``w``'s
@@ -150,16 +190,9 @@ class _BatchedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        # The products and the bias addition PyTorch's own rule computes (the same values,
-        # bit for bit, as the compiled path, which keeps F.linear).
-        out = torch.matmul(x, w.transpose(1, 2))  # (S, N, out); a shared x is broadcast
-        if out._base is not None:  # never a view of an internal tensor (callers modify it in place)
-            out = out.clone()
-        if b is not None:
-            out.add_(b.unsqueeze(-2))
+        out = _linear_forward(ctx, x, w, b)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
-        ctx.shape, ctx.shared = w.shape, x.dim() == 2
-        ctx.bias_dim = None if b is None else b.dim()
+        ctx.shape = w.shape
         return out
 
     @staticmethod
@@ -167,24 +200,11 @@ class _BatchedLinear(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, w = ctx.saved_tensors
         s, o, i = ctx.shape
-        gx = gw = gb = None
-        if ctx.shared:  # x (N, in), g (S, N, out)
-            gp = g.transpose(0, 1).reshape(g.shape[1], s * o)
-            if ctx.needs_input_grad[0]:
-                gx = gp @ w.reshape(s * o, i)
-            if ctx.needs_input_grad[1]:
-                gw = (gp.T @ x).view(s, o, i)
-            if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
-                gb = gp.sum(0).view(s, o)
-        else:
-            if ctx.needs_input_grad[0]:
-                gx = torch.bmm(g, w)
-            if ctx.needs_input_grad[1]:
-                gw = torch.bmm(g.transpose(1, 2), x)
-            if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
-                gb = g.sum(1)
-        if gb is not None and ctx.bias_dim == 1:  # a bias shared by the samples
-            gb = gb.sum(0)
+        gp = _shared_rows(g) if ctx.shared else None  # x (N, in), g (S, N, out)
+        gx, gb = _input_bias_grads(ctx, g, w, gp)
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (gp.T @ x).view(s, o, i) if gp is not None else torch.bmm(g.transpose(1, 2), x)
         return gx, gw, gb
 
 
@@ -200,33 +220,21 @@ class _DrawnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, mean: Tensor, rho: Tensor, drawn: Any) -> Tensor:
-        out = torch.matmul(x, w.transpose(1, 2))  # as _BatchedLinear: the same values, bit for bit
-        if out._base is not None:
-            out = out.clone()
-        if b is not None:
-            out.add_(b.unsqueeze(-2))
+        out = _linear_forward(ctx, x, w, b)  # as _BatchedLinear: the same values, bit for bit
         params = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # Only for the parameters' gradients, w as a detached alias: the memory the draw keeps for its own
         # backward anyway, not the sample tensor itself (as _BatchedLinear, which keeps it for gx only)
         keep = w if ctx.needs_input_grad[0] else w.detach() if params else None
         ctx.save_for_backward(x if params else None, keep)
-        ctx.drawn, ctx.shared = drawn, x.dim() == 2
-        ctx.bias_dim = None if b is None else b.dim()
+        ctx.drawn = drawn
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
-        s, o, i = w.shape
-        gx = gb = g_mean = g_rho = None
-        if ctx.needs_input_grad[0]:
-            gx = (g.transpose(0, 1).reshape(g.shape[1], s * o) @ w.reshape(s * o, i) if ctx.shared
-                  else torch.bmm(g, w))
-        if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
-            gb = g.sum(1)
-            if ctx.bias_dim == 1:
-                gb = gb.sum(0)
+        gx, gb = _input_bias_grads(ctx, g, w, None)
+        g_mean = g_rho = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             shared = ctx.shared
 

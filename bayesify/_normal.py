@@ -204,6 +204,30 @@ def sample_groups(lay: Layout) -> list[range]:
     return [range(i, min(i + step, lay.n)) for i in range(0, lay.n, step)]
 
 
+def reduce_sample_groups(lay: Layout, g_mean: Tensor, g_rho: Tensor,
+                         accumulate: Callable[[int, range, Tensor, Tensor], Any],
+                         finish: Callable[[int, Any], None],
+                         spread: Callable[[int], Any] = lambda c: None) -> None:
+    """The schedule of a reduction over samples into ``g_mean`` / ``g_rho`` (flat, ``lay.numel``):
+    ``accumulate(c, samples, gm_buf, acc_buf)`` sums block column ``c`` over ``samples`` into the
+    buffers, ``finish(c, r)`` then turns column ``c`` of ``g_mean`` / ``g_rho`` into the gradients.
+    With one sample group (:func:`sample_groups`) one task per block column does both, ``r`` the
+    value ``accumulate`` returned; with several, each group sums into its own buffers (the first
+    into ``g_mean`` / ``g_rho``), the buffers are added in group order, and ``r`` is ``spread(c)``."""
+    groups = sample_groups(lay)
+    if len(groups) == 1:  # one task per block column, each reducing over all samples
+        run_parallel([lambda c=c: finish(c, accumulate(c, groups[0], g_mean, g_rho)) for c in range(lay.chunks)])
+        return
+    # few block columns: sample groups reduce into their own buffers, summed after
+    bufs = [(g_mean, g_rho)] + [(torch.empty_like(g_mean), torch.empty_like(g_rho)) for _ in groups[1:]]
+    run_parallel([lambda c=c, i=i: accumulate(c, groups[i], *bufs[i])
+                  for c in range(lay.chunks) for i in range(len(groups))])
+    for gm_i, acc_i in bufs[1:]:
+        g_mean.add_(gm_i)
+        g_rho.add_(acc_i)
+    run_parallel([lambda c=c: finish(c, spread(c)) for c in range(lay.chunks)])
+
+
 def regenerate(lay: Layout, seed: int, s: int, c: int, out: Tensor) -> Tensor:
     """The noise of block ``(s, c)`` again, bit for bit."""
     return _fill(out, seed + lay.index(s, c))
@@ -360,24 +384,14 @@ def weight_grads_by_rows(d: Drawn, w: Tensor, rows_grad: Callable[[int, slice, T
             gm.zero_()
             acc.zero_()
 
-    def finish(c: int) -> None:
+    def finish(c: int, _: None) -> None:
         cols = lay.cols(c)
         sd_c = softplus_scratch(rho[cols], 3) if d.kept is None else d.kept[cols]
         acc = g_rho[cols]
         acc.addcmul_(g_mean[cols], m[cols], value=-1).div_(sd_c)
         acc.mul_(torch.sigmoid(rho[cols], out=scratch(sd_c.numel(), m.dtype, 0)))
 
-    groups = sample_groups(lay)
-    if len(groups) == 1:
-        run_parallel([lambda c=c: (accumulate(c, groups[0], g_mean, g_rho), finish(c)) for c in range(lay.chunks)])
-    else:
-        bufs = [(g_mean, g_rho)] + [(torch.empty_like(g_mean), torch.empty_like(g_rho)) for _ in groups[1:]]
-        run_parallel([lambda c=c, i=i: accumulate(c, groups[i], *bufs[i])
-                      for c in range(lay.chunks) for i in range(len(groups))])
-        for gm_i, acc_i in bufs[1:]:
-            g_mean.add_(gm_i)
-            g_rho.add_(acc_i)
-        run_parallel([lambda c=c: finish(c) for c in range(lay.chunks)])
+    reduce_sample_groups(lay, g_mean, g_rho, accumulate, finish)
     return g_mean.view(d.mean.shape), g_rho.view(d.rho.shape)
 
 
@@ -860,16 +874,7 @@ class _MeanFieldDraw(torch.autograd.Function):
                 acc.add_(torch.reciprocal(sd_c, out=scratch(sd_c.numel(), dtype, 2)).mul_(glog))
             acc.mul_(torch.sigmoid(rho[cols], out=scratch(sd_c.numel(), dtype, 0)))
 
-        groups = sample_groups(lay)
-        if len(groups) == 1:  # one task per block column, each reducing over all samples
-            run_parallel([lambda c=c: finish(c, accumulate(c, groups[0], g_mean, g_rho)) for c in range(lay.chunks)])
-        else:  # few block columns: sample groups reduce into their own buffers, summed after
-            bufs = [(g_mean, g_rho)] + [(torch.empty_like(g_mean), torch.empty_like(g_rho)) for _ in groups[1:]]
-            run_parallel([lambda c=c, i=i: accumulate(c, groups[i], *bufs[i])
-                          for c in range(lay.chunks) for i in range(len(groups))])
-            for gm_i, acc_i in bufs[1:]:
-                g_mean.add_(gm_i)
-                g_rho.add_(acc_i)
-            run_parallel([lambda c=c: finish(c, softplus_scratch(rho[lay.cols(c)], 3) if ctx.kept is None
-                                             else ctx.kept[lay.cols(c)]) for c in range(lay.chunks)])
+        reduce_sample_groups(lay, g_mean, g_rho, accumulate, finish,
+                             lambda c: softplus_scratch(rho[lay.cols(c)], 3) if ctx.kept is None
+                             else ctx.kept[lay.cols(c)])
         return g_mean.view(ctx.shape), g_rho.view(ctx.shape), None, None, None, None
