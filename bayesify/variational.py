@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, distributions as D
 
 from ._choices import lookup, parse_shortcut, with_defaults
-from ._normal import blocks, meanfield_draw, run_parallel, scratch, softplus_scratch, standard_normal
+from ._normal import blocks, kept_spread, meanfield_draw, run_parallel, scratch, softplus_scratch, standard_normal
 
 __all__ = ["VariationalFamily", "MeanFieldNormal", "PointMass", "Rank1Normal", "get_variational", "VARIATIONAL"]
 
@@ -240,11 +240,14 @@ class _NormalKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, mean: Tensor, rho: Tensor, loc: Tensor | float, scale: float) -> Tensor:
         m, r, lc = mean.reshape(-1), rho.reshape(-1), loc.reshape(-1) if isinstance(loc, Tensor) else loc
+        kept = kept_spread(rho)  # a training draw's of this step, where there is one
 
         def part(cols: slice) -> Tensor:
-            s = softplus_scratch(r[cols], 3)
+            s = softplus_scratch(r[cols], 3) if kept is None else kept[cols]
             d = torch.sub(m[cols], lc[cols] if isinstance(lc, Tensor) else lc, out=scratch(s.numel(), s.dtype))
-            return torch.stack([torch.dot(s, s) + torch.dot(d, d), s.log_().sum()])
+            sq = torch.dot(s, s) + torch.dot(d, d)  # before s.log_() below
+            log_s = s.log_() if kept is None else torch.log(s, out=scratch(s.numel(), s.dtype, 4))
+            return torch.stack([sq, log_s.sum()])
 
         sums = torch.stack(run_parallel([lambda c=c: part(c) for c in blocks(m.numel())])).sum(0)
         ctx.save_for_backward(mean, rho, loc if isinstance(loc, Tensor) else None)
@@ -260,15 +263,17 @@ class _NormalKL(torch.autograd.Function):
         inv = 1.0 / ctx.scale ** 2
         g_mean = torch.empty_like(m) if ctx.needs_input_grad[0] else None
         g_rho = torch.empty_like(r) if ctx.needs_input_grad[1] else None
+        kept = kept_spread(rho) if g_rho is not None else None
 
         def part(cols: slice) -> None:
             if g_mean is not None:
                 torch.sub(m[cols], lc[cols] if isinstance(lc, Tensor) else lc, out=g_mean[cols]).mul_(g * inv)
             if g_rho is not None:
                 # d/drho [s^2 / (2 scale^2) - log s] = (s / scale^2 - 1 / s) * sigmoid(rho)
-                s = softplus_scratch(r[cols], 3)
+                s = softplus_scratch(r[cols], 3) if kept is None else kept[cols]
                 out = torch.mul(s, inv, out=g_rho[cols])
-                out.sub_(s.reciprocal_()).mul_(torch.sigmoid(r[cols], out=scratch(s.numel(), s.dtype))).mul_(g)
+                inv_s = s.reciprocal_() if kept is None else torch.reciprocal(s, out=scratch(s.numel(), s.dtype, 4))
+                out.sub_(inv_s).mul_(torch.sigmoid(r[cols], out=scratch(s.numel(), s.dtype))).mul_(g)
 
         run_parallel([lambda c=c: part(c) for c in blocks(m.numel())])
         return (None if g_mean is None else g_mean.view_as(mean), None if g_rho is None else g_rho.view_as(rho),

@@ -109,3 +109,33 @@ def test_fit_with_the_analytic_kl_trains_as_a_manual_loop() -> None:
         runs.append({k: v.detach().clone() for k, v in bnn.state_dict().items()})
     for k in runs[0]:
         torch.testing.assert_close(runs[0][k], runs[1][k], msg=k)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "distilbert"])
+def test_closed_form_kl_reads_the_draws_spread_with_the_same_values(name: str, monkeypatch) -> None:
+    """The draw lends its ``softplus(rho)`` to the closed-form KL of the same step
+    (``_normal._lend_spread``): the loss and every gradient equal those computed without it."""
+    from bayesify import _normal
+
+    case = PICK[name]
+    torch.manual_seed(0)
+    bnn = bf.bayesify(case.build()).train()
+    args, kwargs = case.inputs()
+    loss_fn = bf.ELBOLoss(lambda pred, y: pred.float().square().mean(), dataset_size=100, kl="analytic")
+    lent = []
+    real = _normal._lend_spread
+    results = []
+    for lend in (real, lambda rho, sd: None):
+        monkeypatch.setattr(_normal, "_lend_spread", lambda rho, sd, f=lend: (lent.append(f is real), f(rho, sd)))
+        bnn.zero_grad(set_to_none=True)
+        out = bnn(*args, samples=2, generator=torch.Generator().manual_seed(1), log_probs=False, **kwargs)
+        loss = loss_fn(out, None)
+        loss.backward()
+        results.append((loss.detach(), _grads(bnn)))
+        del out, loss
+    assert any(lent) and not all(lent)  # both settings ran draws
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
