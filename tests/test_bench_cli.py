@@ -221,3 +221,15 @@ def test_workloads_run_on_a_cuda_device(bench, monkeypatch):
             assert c.error is None and c.times[0] > 0, (kind, name)
     mem = bench.measure_cuda_memory("mlp", [c for c in bench.CONTENDERS if c.name == "bayesify"], True)
     assert mem["bayesify"]["peak_mb"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_check_script_refuses_cleanly_without_a_gpu(tmp_path):
+    script = BENCH.parent / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0  # it parses
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=BENCH.parents[1])
+    assert proc.returncode == 2
+    assert "no CUDA device is visible here" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
