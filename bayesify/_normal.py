@@ -644,12 +644,22 @@ def keep_spread(rho: Tensor, sd: Tensor | None) -> None:
         _KEPT_SPREADS[rho] = (rho._version, rho.data_ptr(), sd)
 
 
-#: ``rho -> (rho._version, rho.data_ptr(), weakref to softplus(rho) flat)``: the spread a training draw
-#: computed and keeps for its own backward (:data:`KEEP_SPREAD_FOR_BACKWARD`), lent while that
-#: draw's graph holds it, so the closed-form KL of the same step (forward and backward) reads it
-#: instead of two more softplus passes (MLP benchmark, ``kl="analytic"``: 34 softplus calls and
-#: 12.5 ms per step before, 6 calls after). Nothing is kept alive by this table.
+#: ``rho -> (rho._version, rho.data_ptr(), weakref to softplus(rho) flat, draw generation)``: the spread a
+#: training draw computed and keeps for its own backward (:data:`KEEP_SPREAD_FOR_BACKWARD`), lent to
+#: the closed-form KL of the same forward (which keeps it for its backward) instead of two more softplus
+#: passes (MLP benchmark, ``kl="analytic"``: 34 softplus calls and 12.5 ms per step before, 6 calls
+#: after). Read only within the forward that lent it (:func:`begin_draws`): the version counter alone
+#: does not prove the values unchanged (FSDP2 refills an unsharded parameter's storage between steps
+#: without bumping it). Nothing is kept alive by this table.
 _STEP_SPREADS: "WeakIdKeyDictionary" = None  # type: ignore[assignment]
+_DRAW_GENERATION = 0
+
+
+def begin_draws() -> None:
+    """A model forward's draws begin: spreads lent by earlier forwards are not read any more (another
+    thread's forward starting in between only costs the reuse, never a stale value)."""
+    global _DRAW_GENERATION
+    _DRAW_GENERATION += 1
 
 
 def _lend_spread(rho: Tensor, sd: Tensor) -> None:
@@ -658,17 +668,19 @@ def _lend_spread(rho: Tensor, sd: Tensor) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
         _STEP_SPREADS = WeakIdKeyDictionary()
-    _STEP_SPREADS[rho] = (rho._version, rho.data_ptr(), weakref.ref(sd))
+    _STEP_SPREADS[rho] = (rho._version, rho.data_ptr(), weakref.ref(sd), _DRAW_GENERATION)
 
 
 def kept_spread(rho: Tensor) -> Tensor | None:
     """``softplus(rho)`` flat, where :func:`keep_spread` recorded it for this ``rho`` as it is now,
-    or a training draw of this step still holds it (read only)."""
+    or a training draw of this forward lent it (read only)."""
     for table, strong in ((_KEPT_SPREADS, True), (_STEP_SPREADS, False)):
         if table is None:
             continue
         entry = table.get(rho)
         if entry is None or entry[0] != rho._version or entry[1] != rho.data_ptr():
+            continue
+        if not strong and entry[3] != _DRAW_GENERATION:
             continue
         sd = entry[2] if strong else entry[2]()
         if sd is not None and sd.dtype == rho.dtype and sd.numel() == rho.numel():

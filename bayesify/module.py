@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _reuse
 from ._batched import PointModelError
-from ._normal import _OFFSET_STRIDE, SampleRecompute, draw_seed
+from ._normal import _OFFSET_STRIDE, SampleRecompute, begin_draws, draw_seed
 from ._state import _active, forward_stream, sampled_call_lock, sampling_active
 from ._vmap_rules import BatchNormUpdate, batchnorm_state, vmap_rules
 from .sites import Site, analytic_kl, iter_sites
@@ -183,6 +183,7 @@ class VIModule(nn.Module):
     def _fresh_draws(self, n: int, generator: torch.Generator | None, with_logp: bool, seeds: dict[str, int],
                      offset: int = 0, defer: dict[str, Callable[[], tuple[Tensor, Any, Any]]] | None = None
                      ) -> tuple[dict[str, Tensor], list[Any], Tensor, Tensor]:
+        begin_draws()
         weights: dict[str, Tensor] = {}
         terms: list[Any] = []  # per site, in site order: (log p, log q or None), or a deferred site's name
         kl = None

@@ -252,6 +252,7 @@ class _NormalKL(torch.autograd.Function):
         sums = torch.stack(run_parallel([lambda c=c: part(c) for c in blocks(m.numel())])).sum(0)
         ctx.save_for_backward(mean, rho, loc if isinstance(loc, Tensor) else None)
         ctx.loc, ctx.scale = (None if isinstance(loc, Tensor) else loc), scale
+        ctx.kept = kept  # the draw's spread, for backward (rho is saved: a write to it raises there)
         return sums[0] / (2 * scale ** 2) - sums[1] + mean.numel() * (math.log(scale) - 0.5)
 
     @staticmethod
@@ -263,7 +264,7 @@ class _NormalKL(torch.autograd.Function):
         inv = 1.0 / ctx.scale ** 2
         g_mean = torch.empty_like(m) if ctx.needs_input_grad[0] else None
         g_rho = torch.empty_like(r) if ctx.needs_input_grad[1] else None
-        kept = kept_spread(rho) if g_rho is not None else None
+        kept = ctx.kept if g_rho is not None else None
 
         def part(cols: slice) -> None:
             if g_mean is not None:

@@ -139,3 +139,25 @@ def test_closed_form_kl_reads_the_draws_spread_with_the_same_values(name: str, m
     assert g1.keys() == g2.keys()
     for k in g1:
         assert torch.equal(g1[k], g2[k]), k
+
+
+def test_a_lent_spread_is_not_read_by_a_later_forward() -> None:
+    """Values written without a version bump (``p.data``, as FSDP2 refills an unsharded parameter between
+    steps) while the first step's graph is still alive: the next forward draws from the new values."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    bnn = bf.bayesify(net).train()
+    twin = bf.bayesify(net).train()
+    x = torch.randn(4, 6)
+    loss_fn = bf.ELBOLoss(lambda pred, y: pred.square().mean(), dataset_size=10, kl="analytic")
+    first = loss_fn(bnn(x, samples=2, generator=torch.Generator().manual_seed(1), log_probs=False), None)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(bnn.named_parameters(), twin.named_parameters()):
+            new = a + 0.3 * torch.randn_like(a)
+            a.data.copy_(new)  # no version bump
+            b.copy_(new)
+    out = bnn(x, samples=2, generator=torch.Generator().manual_seed(2), log_probs=False)
+    ref = twin(x, samples=2, generator=torch.Generator().manual_seed(2), log_probs=False)
+    assert torch.equal(out, ref)
+    assert torch.equal(loss_fn(out, None), loss_fn(ref, None))
+    first.backward()  # the first graph was alive throughout
