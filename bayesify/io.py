@@ -61,6 +61,16 @@ _FACTOR_PREFIX = "__bayesify__.posterior_factor."  # covariance factors of "full
 
 
 # -- public -----------------------------------------------------------------------------------------
+def _fspath(path: Any) -> str:
+    """``os.fspath(path)`` as a str, with a message that names what a path may be."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or an os.PathLike (e.g. pathlib.Path), got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"path must name a file as text, got {type(path).__name__}")
+    return path
+
+
 def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs: dict[str, Any] | None = None) -> None:
     """Write ``bnn`` (a :class:`bayesify.BayesianModel` or a hand-written :class:`bayesify.VIModule`)
     to ``path`` as one safetensors file; the write is atomic (a temporary file, then a rename).
@@ -77,7 +87,7 @@ def save(bnn: nn.Module, path: str | os.PathLike, arch: Any = None, arch_kwargs:
     if not isinstance(bnn, VIModule):
         raise TypeError(f"save expects a bayesify model (bf.bayesify(...) or a bf.VIModule), "
                         f"got {type(bnn).__name__}; for a point model use torch.save(model.state_dict())")
-    path = os.fspath(path)
+    path = _fspath(path)
     check_target(path)  # before any work: never replace a device, FIFO or directory
     if isinstance(bnn, BayesianModel):
         spec = {k: v for k, v in bnn.conversion.items() if k != "arch"}
@@ -148,7 +158,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device | dict | None
     """
     from safetensors import safe_open
 
-    path = os.fspath(path)
+    path = _fspath(path)
     header = read_spec(path)
     device = _device(map_location, header.get("saved_from_device"))
     try:

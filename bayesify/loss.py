@@ -131,6 +131,7 @@ class ELBOLoss(nn.Module):
             return self.likelihood(pred, target)
         if pred.dim() < 2:
             raise ValueError(f"expected predictions with a leading sample dimension, got shape {tuple(pred.shape)}")
+        _check_target(self.likelihood, pred, target)
         s = pred.shape[0]
         if self.likelihood == "categorical":
             logits = pred.flatten(0, 1)
@@ -195,6 +196,39 @@ class ELBOLoss(nn.Module):
                 "weights Bayesian (include=[the last block, the head]); check that dataset_size is the "
                 "number of training points; or warm up with ELBOLoss(kl_weight=0.1).",
                 UserWarning, stacklevel=3)
+
+
+def _check_target(likelihood: str, pred: Tensor, target: Any) -> None:
+    """A target that cannot go with these predictions (``(samples, *per-sample shape)``): one line saying
+    which shape the likelihood expects, instead of a broadcast that silently averages the wrong pairs
+    (a normal target ``(B,)`` against predictions ``(S, B, 1)`` would be compared as ``(S, B, B)``) or an
+    error in the per-sample sizes of the flattened call."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    per_sample = tuple(pred.shape[1:])
+    got = tuple(target.shape)
+    if likelihood == "categorical":
+        if pred.dim() < 3:
+            return  # one example per sample: cross_entropy's own unbatched rules
+        labels = (per_sample[0], *per_sample[2:])
+        if target.is_floating_point() or target.is_complex():
+            if got != per_sample:
+                raise ValueError(f"categorical targets are class indices (an integer tensor of shape {labels}) or "
+                                 f"class probabilities (a float tensor of shape {per_sample}); got {target.dtype} "
+                                 f"of shape {got} for predictions of shape {tuple(pred.shape)} (samples first)")
+        elif got != labels:
+            raise ValueError(f"categorical targets must have shape {labels} (one class index per example) for "
+                             f"predictions of shape {tuple(pred.shape)} (samples first), got {got}")
+        return
+    try:
+        fits = torch.broadcast_shapes(got, per_sample) == torch.Size(per_sample)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        hint = (f"; reshape it with target.view({', '.join(map(str, per_sample))})"
+                if target.numel() == math.prod(per_sample) else "")
+        raise ValueError(f"normal targets must have the predictions' per-sample shape {per_sample} (predictions "
+                         f"{tuple(pred.shape)}, samples first), got {got}{hint}")
 
 
 def _refuse_kl_if_optimiser_has_prior(pred: Tensor) -> None:

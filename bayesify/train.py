@@ -147,6 +147,9 @@ def fit(
         raise ValueError(f"unknown train {train!r}; valid choices: bayesian, all")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(loader, (torch.Tensor, str, bytes)) or not hasattr(loader, "__iter__"):
+        raise TypeError(f"loader must be an iterable of batches (x, y), e.g. a torch.utils.data.DataLoader, "
+                        f"got {type(loader).__name__}")
     if loss_fn is None:
         if dataset_size is None:
             dataset_size = _dataset_size(loader)

@@ -541,3 +541,12 @@ def test_saved_on_gpu_loads_on_cpu(tmp_path: Path) -> None:
     assert on_gpu.model.out.weight is on_gpu.model.emb.weight
     sd, ref = on_cpu.state_dict(), bnn.state_dict()
     assert all(torch.equal(sd[k], ref[k].cpu()) for k in ref)
+
+
+@pytest.mark.parametrize("path", [None, 5, b"/tmp/x.bnn"])
+def test_save_and_load_name_what_a_path_must_be(path: Any) -> None:
+    bnn = bf.bayesify(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"path must be a str or an os.PathLike \(e.g. pathlib.Path\), got"):
+        bf.save(bnn, path)
+    with pytest.raises(TypeError, match=r"path must be a str or an os.PathLike \(e.g. pathlib.Path\), got"):
+        bf.load(path)

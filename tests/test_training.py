@@ -412,3 +412,45 @@ def test_fit_needs_a_dataset_size_and_good_batches() -> None:
         bf.fit(bnn, [{"x": torch.randn(4, 4)}], dataset_size=4, progress=False)
     with pytest.raises(TypeError, match="fit expects a bayesify model"):
         bf.fit(_mlp(), [], dataset_size=4)
+
+
+@pytest.mark.parametrize("loader", [None, 5, torch.randn(8, 4)])
+def test_fit_names_what_a_loader_must_be(loader) -> None:
+    bnn = bf.bayesify(_mlp())
+    before = {k: v.clone() for k, v in bnn.state_dict().items()}
+    with pytest.raises(TypeError, match=r"loader must be an iterable of batches \(x, y\), e.g. a "
+                                        r"torch.utils.data.DataLoader, got (NoneType|int|Tensor)"):
+        bf.fit(bnn, loader, dataset_size=8, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in bnn.state_dict().items())  # nothing changed
+
+
+@pytest.mark.parametrize("likelihood, pred_shape, target, match", [
+    ("categorical", (2, 5, 3), torch.zeros(7, dtype=torch.long),
+     r"categorical targets must have shape \(5,\) \(one class index per example\) for predictions of shape "
+     r"\(2, 5, 3\) \(samples first\), got \(7,\)"),
+    ("categorical", (2, 5, 3), torch.randn(5),
+     r"class indices \(an integer tensor of shape \(5,\)\) or class probabilities \(a float tensor of shape "
+     r"\(5, 3\)\); got torch.float32 of shape \(5,\)"),
+    ("categorical", (2, 5, 3, 4), torch.zeros(5, 3, dtype=torch.long), r"must have shape \(5, 4\)"),
+    ("normal", (2, 5, 3), torch.randn(7, 3), r"normal targets must have the predictions' per-sample shape \(5, 3\)"),
+    # (B,) against (S, B, 1) would broadcast to (S, B, B) and average the wrong pairs
+    ("normal", (2, 5, 1), torch.randn(5), r"got \(5,\); reshape it with target.view\(5, 1\)"),
+    ("normal", (2, 5, 1), [1.0] * 5, "target must be a tensor, got list"),
+])
+def test_losses_name_the_target_shape_they_expect(likelihood, pred_shape, target, match) -> None:
+    pred = torch.randn(pred_shape)
+    for loss in (bf.ELBOLoss(likelihood, dataset_size=10), bf.NLLLoss(likelihood)):
+        with pytest.raises((ValueError, TypeError), match=match):
+            loss.nll(pred, target)
+
+
+@pytest.mark.parametrize("likelihood, pred_shape, target", [
+    ("categorical", (2, 5, 3), torch.zeros(5, dtype=torch.long)),
+    ("categorical", (2, 5, 3), torch.softmax(torch.randn(5, 3), -1)),  # class probabilities
+    ("categorical", (2, 5, 3, 4), torch.zeros(5, 4, dtype=torch.long)),  # per-position classes
+    ("normal", (2, 5, 3), torch.randn(5, 3)),
+    ("normal", (2, 5, 3), torch.randn(3)),  # broadcasts to the per-sample shape
+    ("normal", (2, 5), torch.randn(5)),
+])
+def test_losses_take_the_targets_they_always_took(likelihood, pred_shape, target) -> None:
+    assert torch.isfinite(bf.NLLLoss(likelihood).nll(torch.randn(pred_shape), target))
