@@ -218,7 +218,8 @@ def _check_target(likelihood: str, pred: Tensor, target: Any) -> None:
                                  f"of shape {got} for predictions of shape {tuple(pred.shape)} (samples first)")
         elif got != labels:
             raise ValueError(f"categorical targets must have shape {labels} (one class index per example) for "
-                             f"predictions of shape {tuple(pred.shape)} (samples first), got {got}")
+                             f"predictions of shape {tuple(pred.shape)} (samples first, class scores at dim 2, "
+                             f"as F.cross_entropy's dim 1), got {got}")
         return
     try:
         fits = torch.broadcast_shapes(got, per_sample) == torch.Size(per_sample)
