@@ -427,7 +427,7 @@ def test_fit_names_what_a_loader_must_be(loader) -> None:
 @pytest.mark.parametrize("likelihood, pred_shape, target, match", [
     ("categorical", (2, 5, 3), torch.zeros(7, dtype=torch.long),
      r"categorical targets must have shape \(5,\) \(one class index per example\) for predictions of shape "
-     r"\(2, 5, 3\) \(samples first\), got \(7,\)"),
+     r"\(2, 5, 3\) \(samples first, class scores at dim 2, as F.cross_entropy's dim 1\), got \(7,\)"),
     ("categorical", (2, 5, 3), torch.randn(5),
      r"class indices \(an integer tensor of shape \(5,\)\) or class probabilities \(a float tensor of shape "
      r"\(5, 3\)\); got torch.float32 of shape \(5,\)"),
