@@ -537,9 +537,9 @@ def map_finetune(task: Task, net: nn.Module, seed: int) -> Predictive:
     return _bnn_predictive(task, _train_map(task, net, seed), seed)
 
 
-def _train_elbo_adam(task: Task, net: nn.Module, seed: int) -> bf.BayesianModel:
+def _train_elbo_adam(task: Task, net: nn.Module, seed: int, kl: str = "mc") -> bf.BayesianModel:
     bnn = task.convert(net)
-    loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, **_nll_kwargs(task))
+    loss_fn = bf.ELBOLoss(task.likelihood, dataset_size=task.dataset_size, kl=kl, **_nll_kwargs(task))
     named = [(n, p) for n, p in bnn.named_parameters() if p.requires_grad]
     opt = torch.optim.Adam([{"params": [p for n, p in named if not n.endswith("_rho")], "lr": 1e-3},
                             {"params": [p for n, p in named if n.endswith("_rho")], "lr": 1e-2}])
@@ -549,6 +549,12 @@ def _train_elbo_adam(task: Task, net: nn.Module, seed: int) -> bf.BayesianModel:
 
 def elbo_adam(task: Task, net: nn.Module, seed: int) -> Predictive:
     return _bnn_predictive(task, _train_elbo_adam(task, net, seed), seed)
+
+
+def elbo_adam_closed_form(task: Task, net: nn.Module, seed: int) -> Predictive:
+    """The same fit with the KL in closed form (``ELBOLoss(kl="analytic")``): the same objective, a
+    lower-variance gradient of its KL term (and, with ``log_probs=False``, a cheaper step)."""
+    return _bnn_predictive(task, _train_elbo_adam(task, net, seed, kl="analytic"), seed)
 
 
 def _train_ivon(task: Task, net: nn.Module, seed: int) -> bf.BayesianModel:
@@ -705,7 +711,8 @@ def _dropout_on(fit: Callable[[Task, nn.Module, int], bf.BayesianModel]
 
 METHODS: "OrderedDict[str, Callable[[Task, nn.Module, int], Predictive]]" = OrderedDict([
     ("point", point), ("MC dropout", mc_dropout), ("deep ensemble (5)", ensemble),
-    ("MAP fine-tune", map_finetune), ("ELBO + Adam", elbo_adam), ("IVON", ivon),
+    ("MAP fine-tune", map_finetune), ("ELBO + Adam", elbo_adam),
+    ("ELBO + Adam (closed-form KL)", elbo_adam_closed_form), ("IVON", ivon),
     ("IVON (prior 0.3)", ivon_wide_prior),
     ("rank-1 ELBO + Adam", _rank1_row()),
     ("rank-1 (init 0.5 / prior 0.5)", _rank1_row(init_std=0.5, prior_std=0.5)),
