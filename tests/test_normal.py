@@ -8,6 +8,7 @@ import torch
 
 from bayesify import _normal
 from bayesify._normal import BLOCK, meanfield_draw, standard_normal
+from tests.models import torch_threads
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -51,9 +52,7 @@ def test_backward_equals_autograd(shape, loc, threads, path, n):
     # "recover": every std >= RECOVER_RATIO * |mean|, backward recomputes eps from the sample;
     # "regenerate": one tiny std, backward redraws eps from the block seeds.
     torch.manual_seed(0)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         mean = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         rho = torch.randn(shape, dtype=torch.float64).sub_(2)
         if path == "regenerate":
@@ -83,8 +82,6 @@ def test_backward_equals_autograd(shape, loc, threads, path, n):
         gm2, gr2 = torch.autograd.grad(loss2, (mean, rho))
         torch.testing.assert_close(gm, gm2)
         torch.testing.assert_close(gr, gr2)
-    finally:
-        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("shape", [(), (7, 5), (4, BLOCK // 3 + 1)])
@@ -137,9 +134,7 @@ def test_pool_survives_thread_count_changes():
 def test_strided_incoming_gradient(shape):
     # F.linear's weight gradient under vmap arrives as a transpose; blocks read it by rows.
     torch.manual_seed(1)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         mean = torch.randn(shape, requires_grad=True)
         rho = torch.randn(shape).requires_grad_()
         g_out = torch.randn(2, *reversed(shape)).permute(0, *range(len(shape), 0, -1))
@@ -149,16 +144,12 @@ def test_strided_incoming_gradient(shape):
         eps = standard_normal((2, *shape), torch.float32, torch.device("cpu"), _gen(4))
         torch.testing.assert_close(gm, g_out.sum(0))
         torch.testing.assert_close(gr, (g_out * eps).sum(0) * torch.sigmoid(rho.detach()))
-    finally:
-        torch.set_num_threads(prev)
 
 
 def test_recovered_eps_is_accurate_in_float32():
     # The recover path's error bound: ~6e-8 * |w| / std relative, here std = 1e-3 |mean|.
     torch.manual_seed(2)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         mean = (torch.randn(300, 900) * 3).requires_grad_()
         std = (mean.detach().abs() * 1e-3).clamp_min(1e-3).double()
         rho = (std + torch.log(-torch.expm1(-std))).float().requires_grad_()  # softplus(rho) = std
@@ -169,8 +160,6 @@ def test_recovered_eps_is_accurate_in_float32():
         sig = torch.sigmoid(rho.detach().double())
         ref = (g_out.double() * eps.double()).sum(0) * sig
         assert ((gr.double() - ref).abs() <= 1e-3 * sig * (g_out.abs().sum(0).double() + 1e-6)).all()
-    finally:
-        torch.set_num_threads(prev)
 
 
 def test_pool_workers_run_single_threaded_ops_without_changing_the_callers_count():

@@ -16,6 +16,7 @@ import torch.nn as nn
 import bayesify as bf
 from bayesify import _batched, _normal
 from bayesify._normal import BLOCK, meanfield_draw, standard_normal
+from tests.models import torch_threads
 
 #: The switches of the fused paths, and their values for the path before them.
 PREVIOUS = {"FUSED_WEIGHT_GRADS": False, "CLOSED_FORM_QUAD": False, "POOL_TRAINING_DRAWS": False,
@@ -24,15 +25,10 @@ PREVIOUS = {"FUSED_WEIGHT_GRADS": False, "CLOSED_FORM_QUAD": False, "POOL_TRAINI
 
 @contextlib.contextmanager
 def _previous_path(on: bool):
-    was = {k: getattr(_normal, k) for k in PREVIOUS}
-    if on:
-        for k, v in PREVIOUS.items():
-            setattr(_normal, k, v)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in PREVIOUS.items() if on else ():
+            mp.setattr(_normal, k, v)
         yield
-    finally:
-        for k, v in was.items():
-            setattr(_normal, k, v)
 
 
 class _Tied(nn.Module):
@@ -87,15 +83,11 @@ def _step(build: Callable[[], nn.Module], shape: tuple, x_grad: bool, conv: dict
     bnn = bf.bayesify(build().double(), **conv).train()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=x_grad)
     y = torch.randint(0, 2, (shape[0],))
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with _previous_path(previous):
             out = bnn(x, generator=torch.Generator().manual_seed(3), **{"samples": 4, **call})
             loss = bf.ELBOLoss("categorical", dataset_size=50, **elbo)(out, y)
             loss.backward()
-    finally:
-        torch.set_num_threads(prev)
     grads = {n: p.grad for n, p in bnn.named_parameters()}
     return out.detach(), out.log_probs.detach(), grads, x.grad
 
@@ -163,9 +155,7 @@ def test_closed_form_prior_term_equals_autograd(shape, loc, threads, path):
     # The same gradient weight on every sample's quad (as ELBOLoss's mean over samples): the draw's
     # backward takes the prior term from the sums it kept, with and without a weight gradient.
     torch.manual_seed(0)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         mean = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         rho = torch.randn(shape, dtype=torch.float64).sub_(2)
         if path == "regenerate":
@@ -186,8 +176,6 @@ def test_closed_form_prior_term_equals_autograd(shape, loc, threads, path):
             gm2, gr2 = torch.autograd.grad(loss2, (mean, rho))
             torch.testing.assert_close(gm, gm2)
             torch.testing.assert_close(gr, gr2)
-    finally:
-        torch.set_num_threads(prev)
 
 
 def test_training_samples_reuse_memory_nothing_holds():
