@@ -463,8 +463,10 @@ class _DrawnKeptTaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: Tensor, mean: Tensor, rho: Tensor, drawn: Any, spans: tuple) -> Tensor:
         (r0, r1), (c0, c1) = spans
+        kh, kw = w.shape[-2:]
         out = w[..., r0:r1 + 1, c0:c1 + 1].clone(memory_format=torch.contiguous_format)
         ctx.crop = (Ellipsis, slice(r0, r1 + 1), slice(c0, c1 + 1))
+        ctx.pad = (c0, kw - 1 - c1, r0, kh - 1 - r1)  # as _KeptTaps: the kept taps' gradient padded back
         ctx.drawn = drawn
         ctx.save_for_backward(out if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None)
         return out
@@ -489,13 +491,8 @@ class _DrawnKeptTaps(torch.autograd.Function):
             acc.addcmul_(g[s], wk[s])
         # sum_s g_s eps_s = (acc - mean * gm) / std; dL/drho = that * sigmoid(rho)
         acc.addcmul_(gm, m, value=-1).div_(sd).mul_(torch.sigmoid(r))
-        g_mean = g_rho = None
-        if ctx.needs_input_grad[1]:
-            g_mean = mean.new_zeros(mean.shape)
-            g_mean[crop] = gm
-        if ctx.needs_input_grad[2]:
-            g_rho = rho.new_zeros(rho.shape)
-            g_rho[crop] = acc
+        g_mean = F.pad(gm, ctx.pad) if ctx.needs_input_grad[1] else None
+        g_rho = F.pad(acc, ctx.pad) if ctx.needs_input_grad[2] else None
         return None, g_mean, g_rho, None, None
 
 
